@@ -1,0 +1,93 @@
+"""Optimizer-side cost of one SAM step (ascent + descent, gradients given; no forward/backward).
+
+For the parameter lists of CIFAR models, side by side in one interleaved run:
+  * samfast.SAM with every available backend (SGD base, momentum 0.9, nesterov, wd 5e-4),
+  * LoopSAM: the per-tensor Python loop of davda54/sam (the baseline users have today),
+  * ForeachSAM: the same algorithm with torch._foreach_* calls,
+  * torch.optim.SGD(fused=True) alone: one SGD step, the floor (a SAM step must move about
+    twice the bytes of an SGD step).
+
+    python bench/bench_optimizer_step.py [--models wrn16_8 resnet20] [--device cpu] [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import samfast  # noqa: E402
+from baselines import ForeachSAM, LoopSAM  # noqa: E402
+from common import (environment, markdown_table, median, time_interleaved,  # noqa: E402
+                    write_results)
+from samfast.cifar.models import build_model  # noqa: E402
+
+SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+def fresh_params(model_name: str, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
+    torch.manual_seed(seed)
+    params = [p for p in build_model(model_name).to(device).parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-2
+    return params
+
+
+def implementations(model_name: str, device: torch.device) -> dict:
+    fns = {}
+    for backend in samfast.available_backends(device):
+        params = fresh_params(model_name, device)
+        opt = samfast.SAM(params, backend=backend, **SGD)
+
+        def sam_step(opt=opt):
+            opt.first_step()
+            opt.second_step()
+        fns[f"samfast[{backend}]"] = sam_step
+    for name, cls in (("loop (davda54)", LoopSAM), ("foreach", ForeachSAM)):
+        base = cls(fresh_params(model_name, device), **SGD)
+
+        def base_step(base=base):
+            base.first_step()
+            base.second_step()
+        fns[name] = base_step
+    fused = torch.optim.SGD(fresh_params(model_name, device), fused=True, **SGD)
+    fns["SGD(fused) alone"] = fused.step
+    return fns
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["wrn16_8", "resnet20"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--save", action="store_true", help="write bench/results (or $OUT) files")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    print(", ".join(f"{k}={v}" for k, v in env.items()))
+    raw, sections = {}, []
+    for model_name in args.models:
+        fns = implementations(model_name, device)
+        n_params = sum(p.numel() for p in fresh_params(model_name, device))
+        n_tensors = len(fresh_params(model_name, device))
+        samples = time_interleaved(fns, device, rounds=args.rounds)
+        raw[model_name] = samples
+        loop = median(samples["loop (davda54)"])
+        floor = median(samples["SGD(fused) alone"])
+        rows = [[name, median(s) * 1e3, loop / median(s), median(s) / floor]
+                for name, s in samples.items()]
+        table = markdown_table(["implementation", "median ms", "speed-up vs loop",
+                                "x SGD(fused) step"], rows)
+        title = f"## {model_name}: {n_params / 1e6:.2f} M params in {n_tensors} tensors, fp32"
+        sections.append(f"{title}\n\n{table}")
+        print(f"\n{title}\n\n{table}", flush=True)
+    if args.save:
+        path = write_results("optimizer_step", env, "\n\n".join(sections), raw, None)
+        print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Shared benchmark plumbing: environment record, interleaved timing, tables, result files.
+
+Every benchmark measures baseline and candidates *interleaved in one run* (round r times each
+implementation once, in turn), so a noisy neighbour slows all of them alike; it reports the
+median over rounds and ratios against the named baseline.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - triton is optional
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent,
+                               check=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except Exception:  # noqa: BLE001 - not a checkout
+        commit = "unknown"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+                    break
+        except OSError:
+            pass
+    return {"device": name, "device_type": device.type, "torch": torch.__version__,
+            "triton": triton_version, "python": platform.python_version(), "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, rounds: int = 15,
+                     inner: int = 1, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one sample per round, all fns interleaved in each round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / inner)
+    return samples
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(stem: str, env: dict, markdown: str, raw: dict, out_dir: Path | None) -> Path:
+    """``<stem>-<device_type>-<date>.{md,json}`` in ``out_dir`` (default bench/results)."""
+    out_dir = Path(out_dir or os.environ.get("OUT") or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    day = env["date"][:10]
+    base = out_dir / f"{stem}-{env['device_type']}-{day}"
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    base.with_suffix(".md").write_text(f"# {stem}\n\n{header}\n\n{markdown}\n")
+    base.with_suffix(".json").write_text(json.dumps({"env": env, "raw": raw}, indent=1))
+    return base.with_suffix(".md")

@@ -1,0 +1,160 @@
+"""The reference backend: the readable specification of one SAM step.
+
+Every other backend is tested against this module. It works on the model's own parameter
+tensors, grouped by (device, dtype) so that each ``torch._foreach_*`` call is one fused launch
+per bucket, and keeps the pre-ascent weights as clones so the restore is bit-exact.
+
+Maths, for a parameter w with gradient g in a param group with options (rho, adaptive, eta,
+normalize, sam_eps)::
+
+    T(w) = |w| + eta          if adaptive (ASAM)        else 1
+    N    = || concat over every param with a grad, every group, of T(w) * g ||_2
+    e    = rho * T(w)^2 * g / (N + eps)      if normalize (SAM, ASAM)
+    e    = rho * T(w)^2 * g                  otherwise     (unnormalized SAM, "USAM")
+
+N is accumulated in float32, or float64 when any gradient is float64. Half-precision weights
+are updated in float32 and rounded once (w <- round(float(w) + e)), as the fused kernels do.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def bucket_by_device_and_dtype(params: Iterable[Tensor]) -> dict[tuple, list[Tensor]]:
+    """Params in first-seen order, bucketed by (device, dtype): one foreach launch per bucket."""
+    buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in params:
+        buckets[(p.device, p.dtype)].append(p)
+    return buckets
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 are computed in fp32; fp32 and fp64 in themselves."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def norm_dtype(params: Iterable[Tensor]) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def _upcast(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.to(compute_dtype(t.dtype)) for t in tensors]
+
+
+def _scaled_grads(ws: list[Tensor], gs: list[Tensor], adaptive: bool, eta: float,
+                  power: int) -> list[Tensor]:
+    """T(w)^power * g in the compute dtype (power 1 for the norm, 2 for the ascent)."""
+    gs = _upcast(gs)
+    if not adaptive:
+        return list(gs)
+    t = torch._foreach_abs(_upcast(ws))
+    torch._foreach_add_(t, eta)
+    if power == 2:
+        torch._foreach_mul_(t, t)
+    return torch._foreach_mul(t, gs)
+
+
+def grad_norm(groups: list[dict], device: torch.device) -> Tensor:
+    """N over all groups, as a 0-d tensor on ``device`` (float32, or float64 if any grad is)."""
+    all_params = [p for g in groups for p in g["params"] if p.grad is not None]
+    acc = norm_dtype(all_params)
+    norms = []
+    for group in groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        for bucket in bucket_by_device_and_dtype(params).values():
+            tg = _scaled_grads([p.detach() for p in bucket], [p.grad for p in bucket],
+                               group["adaptive"], group["eta"], power=1)
+            norms.extend(n.to(device) for n in torch._foreach_norm(tg, 2, dtype=acc))
+    if not norms:
+        return torch.zeros((), dtype=acc, device=device)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def grads_finite(params: list[Tensor]) -> bool:
+    """True when every gradient entry is finite (max |g| per tensor; NaN propagates)."""
+    for bucket in bucket_by_device_and_dtype(params).values():
+        maxes = torch._foreach_norm([p.grad for p in bucket], float("inf"))
+        if not bool(torch.stack(maxes).isfinite().all()):
+            return False
+    return True
+
+
+def ascent_(group: dict, params: list[Tensor], norm: Tensor) -> list[Tensor]:
+    """w <- w + e for ``params`` (those of ``group`` with a grad); returns the backups."""
+    backups = []
+    for bucket in bucket_by_device_and_dtype(params).values():
+        ws = [p.detach() for p in bucket]
+        cdtype = compute_dtype(ws[0].dtype)
+        if group["normalize"]:
+            scale = group["rho"] / (norm.to(ws[0].device) + group["sam_eps"])
+        else:
+            scale = torch.tensor(float(group["rho"]), dtype=norm.dtype, device=ws[0].device)
+        e = _scaled_grads(ws, [p.grad for p in bucket], group["adaptive"], group["eta"], power=2)
+        torch._foreach_mul_(e, scale.to(cdtype))
+        backups.extend(w.clone() for w in ws)
+        if cdtype == ws[0].dtype:
+            torch._foreach_add_(ws, e)
+        else:
+            w32 = _upcast(ws)
+            torch._foreach_add_(w32, e)
+            torch._foreach_copy_(ws, w32)
+    return backups
+
+
+def restore_(params: list[Tensor], backups: list[Tensor]) -> None:
+    """w <- backup, bit-exact."""
+    if params:
+        torch._foreach_copy_([p.detach() for p in params], backups)
+
+
+class ReferenceBackend:
+    """Perturb/restore on the model's own tensors; the base optimizer steps them unchanged."""
+
+    name = "reference"
+
+    def __init__(self) -> None:
+        self._perturbed: list[Tensor] = []
+        self._backups: list[Tensor] = []
+
+    def first_step(self, groups: list[dict]) -> bool:
+        """Ascent. Returns False (and changes nothing) when N is not finite."""
+        with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
+        if not with_grad:
+            raise RuntimeError(
+                "SAM.first_step: no parameter has a gradient; call loss.backward() first"
+            )
+        norm = grad_norm(groups, with_grad[0].device)
+        if not bool(torch.isfinite(norm)):
+            return False
+        for group in groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            self._backups.extend(ascent_(group, params, norm))
+            self._perturbed.extend(params)
+        return True
+
+    def restore(self) -> None:
+        restore_(self._perturbed, self._backups)
+        self._perturbed, self._backups = [], []
+
+    def second_step(self, groups: list[dict], base_step) -> bool:
+        """Restore, then ``base_step()`` unless a second-pass gradient is not finite."""
+        with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
+        finite = grads_finite(with_grad)
+        self.restore()
+        if finite:
+            base_step()
+        return finite
+
+    def base_step(self, groups: list[dict], base_step) -> bool:
+        with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
+        if not grads_finite(with_grad):
+            return False
+        base_step()
+        return True

@@ -1,0 +1,1 @@
+"""CIFAR reference models, data and trainer."""

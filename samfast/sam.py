@@ -1,0 +1,302 @@
+r"""The SAM optimizer: API, validation and the two-pass step state machine.
+
+The arithmetic lives in a backend (``samfast.backends``); the base optimizer (SGD, AdamW, ...)
+does the descent. ``opt.param_groups`` *is* ``opt.base_optimizer.param_groups``, so LR
+schedulers and any code that edits groups see one set of hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .backends import resolve_backend
+
+# Group keys owned by SAM. The epsilon is stored as "sam_eps": "eps" belongs to Adam & co.,
+# whose group dicts we share.
+_SAM_DEFAULT_KEYS = ("rho", "adaptive", "eta", "normalize", "sam_eps")
+_STATE_FORMAT = 1
+
+# Step phases: between first_step and second_step the weights hold w + e ("perturbed"), or the
+# first step was skipped for a non-finite gradient and second_step must only clean up.
+_IDLE, _PERTURBED, _SKIPPED = "idle", "perturbed", "skipped"
+
+
+def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} (must be a real number >= {minimum:g})")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= {minimum:g})")
+
+
+def _check_group(group: dict) -> None:
+    _check_number("rho", group["rho"])
+    _check_number("eta", group["eta"])
+    _check_number("eps", group["sam_eps"])
+    for flag in ("adaptive", "normalize"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"Invalid {flag}: {group[flag]!r} (must be a bool)")
+    if group.get("maximize", False):
+        raise ValueError("Invalid maximize: True is not supported by SAM (the ascent would "
+                         "need to flip sign); minimize the negated loss instead")
+    for p in group["params"]:
+        if p.is_complex():
+            raise ValueError("Invalid params: complex parameters are not supported by SAM")
+        if p.layout != torch.strided:
+            raise ValueError(f"Invalid params: {p.layout} parameters are not supported by SAM")
+        if not p.is_floating_point():
+            raise ValueError(f"Invalid params: dtype {p.dtype} is not a floating point dtype")
+
+
+class SAM(torch.optim.Optimizer):
+    r"""Sharpness-Aware Minimization (Foret et al., 2021) around any ``torch.optim`` optimizer.
+
+    For each parameter :math:`w` with gradient :math:`g` (per param group: ``rho``,
+    ``adaptive``, ``eta``, ``normalize``, ``sam_eps`` = the constructor's ``eps``):
+
+    .. math::
+
+        T(w) &= |w| + \eta \ \text{if adaptive (ASAM) else } 1 \\
+        N &= \big\| \mathrm{concat}_{\text{all params with grads, all groups}}\ T(w)\,g \big\|_2
+             \quad \text{(fp32 accumulation, fp64 if any grad is fp64)} \\
+        e &= \rho\, T(w)^2 g / (N + \epsilon) \ \text{if normalize, else } \rho\, T(w)^2 g
+
+    ``first_step`` saves w and sets :math:`w \leftarrow w + e`; ``second_step`` restores w
+    bit-exactly and runs the base optimizer with the gradient taken at :math:`w + e`.
+
+    Params with ``grad is None`` are neither perturbed nor stepped. If N (first pass) or any
+    second-pass gradient is not finite, the step is skipped: weights and optimizer state end
+    bit-identical to before, and ``skipped_steps`` grows by one. ``base_step`` (the SGD phase of
+    a switch schedule) skips non-finite gradients the same way.
+
+    Args:
+        params: tensors or param-group dicts (groups may set any SAM or base option).
+        base_optimizer: a ``torch.optim.Optimizer`` class (or factory ``f(param_groups, **kw)``).
+        rho: neighbourhood radius, >= 0.
+        adaptive: ASAM's scale-invariant neighbourhood T(w) = |w| + eta.
+        eta: ASAM's offset, >= 0.
+        normalize: divide by N (SAM/ASAM); False gives unnormalized SAM (USAM).
+        eps: added to N, >= 0 (stored in the groups as ``sam_eps``; a base optimizer's own
+            ``eps`` goes through a factory: ``functools.partial(torch.optim.AdamW, eps=1e-6)``).
+        backend: "auto", "reference" (see :func:`samfast.available_backends`).
+        **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``...).
+    """
+
+    def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+                 rho: float = 0.05, adaptive: bool = False, eta: float = 0.0,
+                 normalize: bool = True, eps: float = 1e-12, backend: str = "auto",
+                 **base_kwargs: Any) -> None:
+        if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
+            raise TypeError("Invalid base_optimizer: pass an optimizer class such as "
+                            f"torch.optim.SGD, not {type(base_optimizer).__name__}")
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, normalize=normalize, sam_eps=eps)
+        _check_group({**defaults, **base_kwargs, "params": []})
+        self._base_optimizer_ready = False
+        super().__init__(params, {**defaults, **base_kwargs})
+        # The base optimizer adopts our group dicts (same objects); then we share its list and
+        # its state, so schedulers and state_dict see exactly one copy of everything.
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        if not isinstance(self.base_optimizer, torch.optim.Optimizer):
+            raise TypeError("Invalid base_optimizer: it must build a torch.optim.Optimizer, got "
+                            f"{type(self.base_optimizer).__name__}")
+        clash = sorted(set(_SAM_DEFAULT_KEYS) & set(self.base_optimizer.defaults))
+        if clash:
+            raise ValueError(f"Invalid base_optimizer: its option {clash[0]!r} has the same name "
+                             "as a SAM option, so the shared param groups cannot hold both")
+        self._base_optimizer_ready = True
+        self._share_base_state()
+        self.defaults.update(self.base_optimizer.defaults)
+        _check_group({**self.defaults, "params": []})
+
+        devices = {p.device for g in self.param_groups for p in g["params"]} or {torch.device("cpu")}
+        self._backend = resolve_backend(backend, devices)
+        self.sam_enabled = True
+        self.skipped_steps = 0
+        self._phase = _IDLE
+
+    # -- param groups and state are the base optimizer's -------------------------------------
+
+    def _share_base_state(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch.optim rejects sets itself, with its message
+            params = list(params)
+        param_group["params"] = params
+        for key in _SAM_DEFAULT_KEYS:
+            param_group.setdefault(key, self.defaults[key])
+        if not isinstance(params, set):
+            _check_group({**self.defaults, **param_group})
+        if not self._base_optimizer_ready:
+            super().add_param_group(param_group)
+        else:
+            self.base_optimizer.add_param_group(param_group)  # appends to our shared list
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend in use."""
+        return self._backend.name
+
+    @property
+    def sam_enabled(self) -> bool:
+        """When False, ``step(closure)`` is one pass plus a plain base-optimizer step."""
+        return self._sam_enabled
+
+    @sam_enabled.setter
+    def sam_enabled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"sam_enabled must be a bool, got {value!r}")
+        self._sam_enabled = value
+
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step`` and ``second_step`` (weights hold w + e)."""
+        return self._phase == _PERTURBED
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _mark_stepped(self) -> None:
+        # LR schedulers warn when scheduler.step() precedes optimizer.step(); they detect the
+        # latter through this flag, which the explicit API must set as step() would.
+        self._opt_called = True
+
+    def _check_grads(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("SAM does not support sparse gradients")
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Ascent: w <- w + e(g), remembering w. Skipped (counted) when N is not finite."""
+        if self._phase != _IDLE:
+            raise RuntimeError("SAM.first_step called twice without second_step in between")
+        self._check_grads()
+        performed = self._backend.first_step(self.param_groups)
+        if performed:
+            self._phase = _PERTURBED
+        else:
+            self._phase = _SKIPPED
+            self.skipped_steps += 1
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Descent: restore w, then the base optimizer's step with the gradient at w + e."""
+        if self._phase == _IDLE:
+            raise RuntimeError("SAM.second_step called without a preceding first_step")
+        if self._phase == _PERTURBED:
+            self._check_grads()
+            if not self._backend.second_step(self.param_groups, self.base_optimizer.step):
+                self.skipped_steps += 1
+        self._phase = _IDLE
+        self._mark_stepped()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def base_step(self, zero_grad: bool = False) -> None:
+        """A plain base-optimizer step (no perturbation), e.g. the SGD phase of a schedule."""
+        if self._phase != _IDLE:
+            raise RuntimeError("SAM.base_step called between first_step and second_step")
+        self._check_grads()
+        if not self._backend.base_step(self.param_groups, self.base_optimizer.step):
+            self.skipped_steps += 1
+        self._mark_stepped()
+        if zero_grad:
+            self.zero_grad()
+
+    def _grad_snapshot(self) -> list:
+        return [(id(p.grad), p.grad._version if p.grad is not None else None)
+                for g in self.param_groups for p in g["params"]]
+
+    def _run_closure(self, closure: Callable[[], Tensor], which: str) -> Tensor:
+        before = self._grad_snapshot()
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None:
+            raise RuntimeError(f"SAM.step: the closure returned None in the {which} pass; it "
+                               "must zero the grads, run forward and backward, and return the loss")
+        if self._grad_snapshot() == before:
+            raise RuntimeError(f"SAM.step: the closure computed no gradients in the {which} pass "
+                               "(did it call loss.backward()?)")
+        return loss
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """Full step from a closure (zero grads, forward, backward, return loss).
+
+        Two passes when ``sam_enabled`` (the second with the weights perturbed: see
+        ``perturbed``), else one pass and a base step. Returns the first-pass loss.
+        """
+        if closure is None:
+            raise RuntimeError("SAM.step needs a closure (zero grads, forward, backward, return "
+                               "the loss); or call first_step() and second_step() yourself")
+        loss = self._run_closure(closure, "first")
+        if not self.sam_enabled:
+            self.base_step()
+            return loss
+        self.first_step()
+        if self._phase == _PERTURBED:
+            self._run_closure(closure, "second")
+        self.second_step()
+        return loss
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (groups carry the SAM options) plus samfast's own."""
+        if self._phase == _PERTURBED:
+            raise RuntimeError("SAM.state_dict called between first_step and second_step: the "
+                               "model holds perturbed weights w + e; save after second_step")
+        state = self.base_optimizer.state_dict()
+        state["samfast"] = {"format": _STATE_FORMAT, "sam_enabled": self.sam_enabled,
+                            "skipped_steps": self.skipped_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._phase == _PERTURBED:
+            raise RuntimeError("SAM.load_state_dict called between first_step and second_step")
+        state_dict = dict(state_dict)
+        own = state_dict.pop("samfast", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_base_state()  # load_state_dict replaced the base's lists
+        for group in self.param_groups:
+            for key in _SAM_DEFAULT_KEYS:
+                group.setdefault(key, self.defaults[key])
+            _check_group(group)
+        self.sam_enabled = bool(own.get("sam_enabled", True))
+        self.skipped_steps = int(own.get("skipped_steps", 0))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}, "
+                f"backend={self.backend!r}, sam_enabled={self.sam_enabled})\n"
+                + super().__repr__())
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., 2021): :class:`SAM` with ``adaptive=True`` (default rho 2.0,
+    as in davda54/sam's ASAM recipe)."""
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 2.0,
+                 eta: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(params, base_optimizer, rho=rho, adaptive=True, eta=eta, **kwargs)
+
+
+class USAM(SAM):
+    """Unnormalized SAM (Andriushchenko & Flammarion, 2022): :class:`SAM` with
+    ``normalize=False``, i.e. e = rho * g."""
+
+    def __init__(self, params, base_optimizer=torch.optim.SGD, rho: float = 0.05,
+                 **kwargs: Any) -> None:
+        super().__init__(params, base_optimizer, rho=rho, normalize=False, **kwargs)
