@@ -113,6 +113,7 @@ class SAM(torch.optim.Optimizer):
 
         devices = {p.device for g in self.param_groups for p in g["params"]} or {torch.device("cpu")}
         self._backend = resolve_backend(backend, devices)
+        self._backend.bind(self)
         self.sam_enabled = True
         self.skipped_steps = 0
         self._phase = _IDLE
@@ -138,6 +139,7 @@ class SAM(torch.optim.Optimizer):
             super().add_param_group(param_group)
         else:
             self.base_optimizer.add_param_group(param_group)  # appends to our shared list
+            self._backend.add_group(len(self.param_groups) - 1)
 
     @property
     def backend(self) -> str:
@@ -154,6 +156,25 @@ class SAM(torch.optim.Optimizer):
         if not isinstance(value, bool):
             raise TypeError(f"sam_enabled must be a bool, got {value!r}")
         self._sam_enabled = value
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (reading it syncs with a CUDA device)."""
+        device_count = 0 if self._skipped_device is None else int(self._skipped_device.item())
+        return self._skipped_host + device_count
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_host, self._skipped_device = int(value), None
+
+    def _count_skip(self, skipped) -> None:
+        """Backends report a skip as a bool, or as a device flag (no host sync on CUDA)."""
+        if isinstance(skipped, Tensor):
+            if self._skipped_device is None:
+                self._skipped_device = torch.zeros((), dtype=torch.int64, device=skipped.device)
+            self._skipped_device += skipped.to(self._skipped_device.device)
+        elif skipped:
+            self._skipped_host += 1
 
     @property
     def perturbed(self) -> bool:
@@ -179,12 +200,12 @@ class SAM(torch.optim.Optimizer):
         if self._phase != _IDLE:
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         self._check_grads()
-        performed = self._backend.first_step(self.param_groups)
-        if performed:
-            self._phase = _PERTURBED
-        else:
+        skipped = self._backend.first_step(self.param_groups)
+        if skipped is True:
             self._phase = _SKIPPED
-            self.skipped_steps += 1
+            self._count_skip(True)
+        else:  # False, or a device flag that second_step's own flag will include
+            self._phase = _PERTURBED
         if zero_grad:
             self.zero_grad()
 
@@ -195,8 +216,8 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.second_step called without a preceding first_step")
         if self._phase == _PERTURBED:
             self._check_grads()
-            if not self._backend.second_step(self.param_groups, self.base_optimizer.step):
-                self.skipped_steps += 1
+            self._count_skip(self._backend.second_step(self.param_groups,
+                                                       self.base_optimizer.step))
         self._phase = _IDLE
         self._mark_stepped()
         if zero_grad:
@@ -208,8 +229,7 @@ class SAM(torch.optim.Optimizer):
         if self._phase != _IDLE:
             raise RuntimeError("SAM.base_step called between first_step and second_step")
         self._check_grads()
-        if not self._backend.base_step(self.param_groups, self.base_optimizer.step):
-            self.skipped_steps += 1
+        self._count_skip(self._backend.base_step(self.param_groups, self.base_optimizer.step))
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
@@ -276,7 +296,10 @@ class SAM(torch.optim.Optimizer):
         self.skipped_steps = int(own.get("skipped_steps", 0))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        """As ``torch.optim``; the fused backends zero their flat grad buffer in one kernel
+        and keep each ``p.grad`` a view into it (a param still counts as having no gradient
+        until a backward reaches it, as if ``set_to_none`` had set it to None)."""
+        self._backend.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}, "

@@ -115,16 +115,29 @@ def restore_(params: list[Tensor], backups: list[Tensor]) -> None:
 
 
 class ReferenceBackend:
-    """Perturb/restore on the model's own tensors; the base optimizer steps them unchanged."""
+    """Perturb/restore on the model's own tensors; the base optimizer steps them unchanged.
+
+    Each step method returns whether the step was skipped for a non-finite gradient.
+    """
 
     name = "reference"
 
     def __init__(self) -> None:
+        self._optimizer = None
         self._perturbed: list[Tensor] = []
         self._backups: list[Tensor] = []
 
+    def bind(self, optimizer) -> None:
+        self._optimizer = optimizer
+
+    def add_group(self, index: int) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.base_optimizer.zero_grad(set_to_none=set_to_none)
+
     def first_step(self, groups: list[dict]) -> bool:
-        """Ascent. Returns False (and changes nothing) when N is not finite."""
+        """Ascent, unless N is not finite (then nothing changes and True is returned)."""
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
         if not with_grad:
             raise RuntimeError(
@@ -132,29 +145,26 @@ class ReferenceBackend:
             )
         norm = grad_norm(groups, with_grad[0].device)
         if not bool(torch.isfinite(norm)):
-            return False
+            return True
         for group in groups:
             params = [p for p in group["params"] if p.grad is not None]
             self._backups.extend(ascent_(group, params, norm))
             self._perturbed.extend(params)
-        return True
-
-    def restore(self) -> None:
-        restore_(self._perturbed, self._backups)
-        self._perturbed, self._backups = [], []
+        return False
 
     def second_step(self, groups: list[dict], base_step) -> bool:
         """Restore, then ``base_step()`` unless a second-pass gradient is not finite."""
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
         finite = grads_finite(with_grad)
-        self.restore()
+        restore_(self._perturbed, self._backups)
+        self._perturbed, self._backups = [], []
         if finite:
             base_step()
-        return finite
+        return not finite
 
     def base_step(self, groups: list[dict], base_step) -> bool:
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
         if not grads_finite(with_grad):
-            return False
+            return True
         base_step()
-        return True
+        return False

@@ -1,0 +1,240 @@
+// samfast._C: the op schemas of the native backend and their CPU kernels.
+//
+// Every op works on 1-D contiguous slices of samfast's flat buffers (see samfast/flat.py and
+// samfast/backends/fused.py for the maths). Arithmetic is in float for fp32/fp16/bf16 storage
+// ("opmath") and in double for fp64, rounded once on store. The CUDA kernels live in
+// csrc/cuda/samfast_cuda.cu and register the same schemas for the CUDA dispatch key.
+//
+// CPU design: the kernels are memory-bound streams, so the loops are written for the
+// compiler's auto-vectorizer (one pass, no branches in the body, flags hoisted into template
+// parameters) and split over threads with at::parallel_for. Reductions use fixed blocks of
+// kBlock elements whose partial sums are added in block order, so a result does not depend
+// on the number of threads (deterministic run to run and machine to machine).
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace samfast {
+namespace {
+
+constexpr int64_t kBlock = 1 << 15;   // elements per reduction block
+constexpr int64_t kGrain = 1 << 15;   // elements per parallel task of elementwise kernels
+constexpr int kLanes = 8;             // independent accumulators: lets the sum vectorize
+
+void check_flat(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "samfast: ", name, " must be contiguous");
+  TORCH_CHECK(t.numel() == like.numel(), "samfast: ", name, " has ", t.numel(),
+              " elements, expected ", like.numel());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "samfast: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "samfast: ", name, " is on ", t.device(),
+              ", expected ", like.device());
+}
+
+// Sum over [begin, end) of f(i), with kLanes interleaved partial sums.
+template <typename acc_t, typename F>
+acc_t lane_sum(int64_t begin, int64_t end, F f) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += f(i + l);
+  }
+  acc_t total = 0;
+  for (; i < end; ++i) total += f(i);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// Deterministic blocked reduction: block partials in parallel, then summed in block order.
+template <typename acc_t, typename F>
+acc_t blocked_sum(int64_t n, F f) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<acc_t> partial(blocks, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      partial[b] = lane_sum<acc_t>(b * kBlock, std::min(n, (b + 1) * kBlock), f);
+    }
+  });
+  acc_t total = 0;
+  for (acc_t p : partial) total += p;
+  return total;
+}
+
+template <typename scalar_t, bool kAdaptive>
+at::opmath_type<scalar_t> sq_norm_kernel(const scalar_t* g, const scalar_t* w, int64_t n,
+                                         at::opmath_type<scalar_t> eta) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  return blocked_sum<opmath_t>(n, [=](int64_t i) {
+    opmath_t x = static_cast<opmath_t>(g[i]);
+    if (kAdaptive) x *= std::abs(static_cast<opmath_t>(w[i])) + eta;
+    return x * x;
+  });
+}
+
+at::Tensor sq_norm_cpu(const at::Tensor& g, const at::Tensor& w, bool adaptive, double eta) {
+  check_flat(g, g, "g");
+  check_flat(w, g, "w");
+  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({}, g.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "sq_norm", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto* gp = g.const_data_ptr<scalar_t>();
+    const auto* wp = w.const_data_ptr<scalar_t>();
+    const opmath_t s = adaptive ? sq_norm_kernel<scalar_t, true>(gp, wp, g.numel(), eta)
+                                : sq_norm_kernel<scalar_t, false>(gp, wp, g.numel(), eta);
+    out.fill_(s);
+  });
+  return out;
+}
+
+at::Tensor nonfinite_cpu(const at::Tensor& g) {
+  check_flat(g, g, "g");
+  int64_t count = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "nonfinite", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto* gp = g.const_data_ptr<scalar_t>();
+    constexpr opmath_t inf = std::numeric_limits<opmath_t>::infinity();
+    // !(|x| < inf) is true exactly for +-inf and NaN, and compiles to a compare + mask.
+    count = blocked_sum<int64_t>(g.numel(), [=](int64_t i) {
+      return static_cast<int64_t>(!(std::abs(static_cast<opmath_t>(gp[i])) < inf));
+    });
+  });
+  return at::full({}, static_cast<double>(count), g.options().dtype(at::kFloat));
+}
+
+template <typename scalar_t, bool kAdaptive>
+void ascent_kernel(scalar_t* w, const scalar_t* g, scalar_t* backup, int64_t n,
+                   at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t> eta) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t wi = w[i];
+      backup[i] = wi;
+      const opmath_t wf = static_cast<opmath_t>(wi);
+      opmath_t e = static_cast<opmath_t>(g[i]);
+      if (kAdaptive) {
+        const opmath_t t = std::abs(wf) + eta;
+        e = (t * t) * e;
+      }
+      w[i] = static_cast<scalar_t>(wf + e * scale);
+    }
+  });
+}
+
+void ascent_cpu(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const at::Tensor& scale,
+                const at::Tensor& skip, bool adaptive, double eta) {
+  check_flat(w, w, "w");
+  check_flat(g, w, "g");
+  check_flat(backup, w, "backup");
+  if (skip.item<bool>()) {
+    backup.copy_(w);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "ascent_", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t s = scale.item<opmath_t>();
+    auto* wp = w.mutable_data_ptr<scalar_t>();
+    auto* bp = backup.mutable_data_ptr<scalar_t>();
+    const auto* gp = g.const_data_ptr<scalar_t>();
+    if (adaptive) {
+      ascent_kernel<scalar_t, true>(wp, gp, bp, w.numel(), s, eta);
+    } else {
+      ascent_kernel<scalar_t, false>(wp, gp, bp, w.numel(), s, eta);
+    }
+  });
+}
+
+// w <- backup; then torch.optim.SGD's update, in its order of operations:
+//   d = g + wd * w;  buf = first ? d : momentum * buf + (1 - dampening) * d;
+//   d = nesterov ? d + momentum * buf : buf;  w = w - lr * d
+template <typename scalar_t, bool kMomentum, bool kNesterov, bool kFirst>
+void restore_sgd_kernel(scalar_t* w, const scalar_t* g, const scalar_t* backup, scalar_t* buf,
+                        int64_t n, at::opmath_type<scalar_t> lr,
+                        at::opmath_type<scalar_t> momentum,
+                        at::opmath_type<scalar_t> dampening, at::opmath_type<scalar_t> wd) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const opmath_t w0 = static_cast<opmath_t>(backup[i]);
+      opmath_t d = static_cast<opmath_t>(g[i]) + wd * w0;
+      if (kMomentum) {
+        opmath_t b = kFirst ? d : static_cast<opmath_t>(buf[i]) * momentum + (1 - dampening) * d;
+        const scalar_t stored = static_cast<scalar_t>(b);
+        buf[i] = stored;
+        b = static_cast<opmath_t>(stored);  // torch steps with the buffer as stored
+        d = kNesterov ? d + momentum * b : b;
+      }
+      w[i] = static_cast<scalar_t>(w0 - lr * d);
+    }
+  });
+}
+
+template <typename scalar_t>
+void restore_sgd_dispatch(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
+                          at::Tensor& buf, double lr, double momentum, double dampening,
+                          double wd, bool nesterov, bool first) {
+  auto* wp = w.mutable_data_ptr<scalar_t>();
+  const auto* gp = g.const_data_ptr<scalar_t>();
+  const auto* bp = backup.const_data_ptr<scalar_t>();
+  auto* mp = buf.mutable_data_ptr<scalar_t>();
+  const int64_t n = w.numel();
+  auto* kernel = momentum == 0 ? restore_sgd_kernel<scalar_t, false, false, false>
+                 : first      ? (nesterov ? restore_sgd_kernel<scalar_t, true, true, true>
+                                          : restore_sgd_kernel<scalar_t, true, false, true>)
+                              : (nesterov ? restore_sgd_kernel<scalar_t, true, true, false>
+                                          : restore_sgd_kernel<scalar_t, true, false, false>);
+  kernel(wp, gp, bp, mp, n, lr, momentum, dampening, wd);
+}
+
+void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
+                     at::Tensor& buf, const at::Tensor& skip, double lr, double momentum,
+                     double dampening, double weight_decay, bool nesterov, bool first) {
+  check_flat(w, w, "w");
+  check_flat(g, w, "g");
+  check_flat(backup, w, "backup");
+  if (momentum != 0) check_flat(buf, w, "buf");
+  if (skip.item<bool>()) {
+    if (!backup.is_same(w)) w.copy_(backup);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "restore_sgd_", [&] {
+    restore_sgd_dispatch<scalar_t>(w, g, backup, buf, lr, momentum, dampening, weight_decay,
+                                   nesterov, first);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(samfast, m) {
+  m.def("sq_norm(Tensor g, Tensor w, bool adaptive, float eta) -> Tensor");
+  m.def("nonfinite(Tensor g) -> Tensor");
+  m.def("ascent_(Tensor(a!) w, Tensor g, Tensor(b!) backup, Tensor scale, Tensor skip, "
+        "bool adaptive, float eta) -> ()");
+  m.def("restore_sgd_(Tensor(a!) w, Tensor g, Tensor backup, Tensor(b!) buf, Tensor skip, "
+        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+        "bool first) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(samfast, CPU, m) {
+  m.impl("sq_norm", &sq_norm_cpu);
+  m.impl("nonfinite", &nonfinite_cpu);
+  m.impl("ascent_", &ascent_cpu);
+  m.impl("restore_sgd_", &restore_sgd_cpu);
+}
+
+}  // namespace samfast
+
+// `import samfast._C` loads this library, whose static initializers register the ops above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

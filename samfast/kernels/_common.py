@@ -1,0 +1,55 @@
+"""Launch helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program. Memory-bound streams want a few thousand elements per program on a
+# GPU; under the CPU interpreter (~0.5 ms per program) fewer, larger programs keep tests fast.
+BLOCK = 4096
+NUM_WARPS = 8
+
+
+def grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK),)
+
+
+def split_fp32(x: float) -> tuple[float, float]:
+    """x = hi + lo with hi, lo fp32: Triton passes Python floats as fp32, which would round
+    hyper-parameters of fp64 buffers (lr = 0.1 -> 0.10000000149); hi + lo carries ~48 bits."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+@triton.jit
+def join_fp32(hi, lo, FP64: tl.constexpr):
+    if FP64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    return tl.cast(hi, tl.float32) + tl.cast(lo, tl.float32)
+
+
+@triton.jit
+def upcast(x, FP64: tl.constexpr):
+    """fp16/bf16/fp32 -> fp32, fp64 stays fp64 (the "opmath" type)."""
+    if FP64:
+        return x.to(tl.float64)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def to_storage(x, ptr):
+    """Round an fp32/fp64 value to the element type of ``ptr`` (round to nearest even).
+
+    bf16 is rounded by hand: Triton's CPU interpreter truncates fp32 -> bf16 (measured: 1 ulp
+    off on about half the elements), which biases every update; with the rounding done in
+    integer arithmetic the final cast is exact, so interpreter and GPU agree bit for bit.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        f = x.to(tl.float32)
+        bits = f.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        rounded = bits.to(tl.float32, bitcast=True)
+        return tl.where(f != f, f, rounded).to(tl.bfloat16)
+    return x.to(ptr.dtype.element_ty)

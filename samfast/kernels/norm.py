@@ -1,0 +1,58 @@
+"""Reductions: sum of (T(w) g)^2 for SAM's N, and the count of non-finite gradient entries.
+
+Deterministic by construction: each program reduces one fixed block and writes its partial
+sum; the partials are then added by one ``torch.sum`` (a single-output reduction whose order
+is fixed for a given length). No atomics, so N is bit-identical run to run. The result stays
+on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import BLOCK, NUM_WARPS, grid, join_fp32, split_fp32, upcast
+
+
+@triton.jit
+def _sq_norm_kernel(g_ptr, w_ptr, partial_ptr, n, eta_hi, eta_lo,
+                    ADAPTIVE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
+    if ADAPTIVE:
+        w = upcast(tl.load(w_ptr + offs, mask=mask, other=0.0), FP64)
+        x = x * (tl.abs(w) + join_fp32(eta_hi, eta_lo, FP64))
+    tl.store(partial_ptr + pid, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _nonfinite_kernel(g_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # !(|x| < inf) holds exactly for +-inf and NaN (every comparison with NaN is false).
+    bad = tl.where(tl.abs(x) < float("inf"), 0.0, 1.0)
+    tl.store(partial_ptr + pid, tl.sum(bad, axis=0))
+
+
+def sq_norm(g: torch.Tensor, w: torch.Tensor, adaptive: bool, eta: float) -> torch.Tensor:
+    """sum((T(w) * g)^2) as a 0-d tensor: fp32, fp64 for fp64 buffers."""
+    fp64 = g.dtype == torch.float64
+    n = g.numel()
+    partial = torch.empty(grid(n)[0], dtype=torch.float64 if fp64 else torch.float32,
+                          device=g.device)
+    _sq_norm_kernel[grid(n)](g, w, partial, n, *split_fp32(eta), ADAPTIVE=adaptive, FP64=fp64,
+                             BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return partial.sum()
+
+
+def nonfinite(g: torch.Tensor) -> torch.Tensor:
+    """How many entries of g are +-inf or NaN, as a 0-d fp32 tensor."""
+    n = g.numel()
+    partial = torch.empty(grid(n)[0], dtype=torch.float32, device=g.device)
+    _nonfinite_kernel[grid(n)](g, partial, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return partial.sum()

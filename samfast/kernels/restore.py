@@ -1,0 +1,58 @@
+"""SAM's descent for an SGD base: w <- backup, then torch.optim.SGD's update, in one pass.
+
+Order of operations as torch.optim.SGD:  d = g + wd * w;
+buf = first ? d : momentum * buf + (1 - dampening) * d;  d = nesterov ? d + momentum * buf : buf;
+w = w - lr * d.  With the device flag ``skip`` set, only the restore happens and the momentum
+buffer is not written. ``backup`` may be ``w`` itself: a plain SGD step (the base phase).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import BLOCK, NUM_WARPS, grid, join_fp32, split_fp32, to_storage, upcast
+
+
+@triton.jit
+def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, n,
+                        lr_hi, lr_lo, mom_hi, mom_lo, damp_hi, damp_lo, wd_hi, wd_lo,
+                        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+                        FP64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    skip = tl.load(skip_ptr) != 0
+    b0 = tl.load(backup_ptr + offs, mask=mask, other=0.0)
+    w0 = upcast(b0, FP64)
+    lr = join_fp32(lr_hi, lr_lo, FP64)
+    d = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64) + \
+        join_fp32(wd_hi, wd_lo, FP64) * w0
+    if MOMENTUM:
+        momentum = join_fp32(mom_hi, mom_lo, FP64)
+        if FIRST:
+            b = d
+        else:
+            old = upcast(tl.load(buf_ptr + offs, mask=mask, other=0.0), FP64)
+            b = old * momentum + (1 - join_fp32(damp_hi, damp_lo, FP64)) * d
+        stored = to_storage(b, buf_ptr)
+        tl.store(buf_ptr + offs, stored, mask=mask & (skip == 0))
+        b = upcast(stored, FP64)  # torch steps with the buffer as stored
+        if NESTEROV:
+            d = d + momentum * b
+        else:
+            d = b
+    new = to_storage(w0 - lr * d, w_ptr)
+    tl.store(w_ptr + offs, tl.where(skip, b0, new), mask=mask)
+
+
+def restore_sgd_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, buf: torch.Tensor,
+                 skip: torch.Tensor, lr: float, momentum: float, dampening: float,
+                 weight_decay: float, nesterov: bool, first: bool) -> None:
+    n = w.numel()
+    _restore_sgd_kernel[grid(n)](
+        w, g, backup, buf, skip.view(torch.uint8), n, *split_fp32(lr), *split_fp32(momentum),
+        *split_fp32(dampening), *split_fp32(weight_decay), MOMENTUM=momentum != 0,
+        NESTEROV=nesterov, FIRST=first, FP64=w.dtype == torch.float64, BLOCK=BLOCK,
+        num_warps=NUM_WARPS)

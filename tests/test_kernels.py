@@ -1,0 +1,151 @@
+"""Each fused kernel on its own, for every fused backend on this machine, against float64
+formulas: sizes 1, 7, 100003, every dtype, fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import samfast
+from samfast.backends import resolve_backend
+
+FUSED = [b for b in samfast.available_backends("cpu") if b != "reference"]
+SIZES = [1, 7, 100003]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def ops_of(backend: str):
+    return resolve_backend(backend, {torch.device("cpu")}).ops
+
+
+def rand(n: int, dtype, gen) -> torch.Tensor:
+    return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def assert_storage_close(got: torch.Tensor, want64: torch.Tensor, magnitude: torch.Tensor,
+                         roundings: int = 1) -> None:
+    """``got`` is the float64 result ``want64`` computed in opmath (fp32, fp64 for fp64) and
+    rounded ``roundings`` times to storage: at most half an ulp of storage per rounding plus a
+    few ulps of opmath on ``magnitude`` (the sum of the |terms|, where cancellation bites)."""
+    opmath = torch.float64 if got.dtype == torch.float64 else torch.float32
+    bound = (roundings * 0.5 * torch.finfo(got.dtype).eps * want64.abs()
+             + 8 * torch.finfo(opmath).eps * magnitude + torch.finfo(got.dtype).tiny)
+    err = (got.double() - want64).abs()
+    assert bool((err <= bound).all()), f"max error {float(err.max()):.3e}"
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FUSED)
+def test_sq_norm_and_nonfinite(backend, dtype, n):
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(n)
+    g, w = rand(n, dtype, gen), rand(n, dtype, gen)
+    for adaptive, eta in ((False, 0.0), (True, 0.0), (True, 0.01)):
+        t = (w.double().abs() + eta) if adaptive else 1.0
+        want = float(((t * g.double()) ** 2).sum())
+        got = ops.sq_norm(g, w, adaptive, eta)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert abs(float(got) - want) <= tol * want
+        assert torch.equal(got, ops.sq_norm(g, w, adaptive, eta))  # deterministic
+    assert float(ops.nonfinite(g)) == 0
+    bad = g.clone()
+    idx = torch.randint(0, n, (min(n, 3),), generator=gen).unique()
+    bad[idx[0]] = float("nan")
+    if len(idx) > 1:
+        signs = torch.sign(torch.randn(len(idx) - 1, generator=gen)).to(dtype)
+        bad[idx[1:]] = float("inf") * signs
+    assert float(ops.nonfinite(bad)) == len(idx)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FUSED)
+def test_ascent(backend, dtype, n):
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(7 * n)
+    w, g = rand(n, dtype, gen), rand(n, dtype, gen)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(0.37, dtype=opmath)
+    for adaptive, eta in ((False, 0.0), (True, 0.01)):
+        w1, backup = w.clone(), torch.full_like(w, 5.0)
+        ops.ascent_(w1, g, backup, scale, torch.tensor(False), adaptive, eta)
+        assert torch.equal(backup, w)
+        t2 = (w.double().abs() + eta) ** 2 if adaptive else 1.0
+        e = float(scale) * t2 * g.double()
+        assert_storage_close(w1, w.double() + e, w.double().abs() + e.abs())
+        w2 = w.clone()
+        ops.ascent_(w2, g, backup, scale, torch.tensor(True), adaptive, eta)
+        assert torch.equal(w2, w), "skip flag set: weights must not move"
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FUSED)
+def test_restore_sgd(backend, dtype, n):
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(11 * n)
+    w, g, backup, buf = (rand(n, dtype, gen) for _ in range(4))
+    lr, mom, damp, wd = 0.1, 0.9, 0.1, 5e-4
+    for momentum, nesterov, first in ((0.0, False, False), (mom, False, False),
+                                      (mom, True, False), (mom, False, True)):
+        w1, buf1 = w.clone(), buf.clone()
+        ops.restore_sgd_(w1, g, backup, buf1, torch.tensor(False), lr, momentum, damp, wd,
+                         nesterov, first)
+        d = g.double() + wd * backup.double()
+        if momentum:
+            b = d if first else momentum * buf.double() + (1 - damp) * d
+            assert_storage_close(buf1, b, (momentum * buf.double()).abs() + d.abs())
+            b = buf1.double()
+            d = d + momentum * b if nesterov else b
+        else:
+            assert torch.equal(buf1, buf)
+        # the update reads the buffer as stored, so its rounding is already in d
+        assert_storage_close(w1, backup.double() - lr * d,
+                             backup.double().abs() + lr * (d.abs() + g.double().abs()))
+        w2, buf2 = w.clone(), buf.clone()
+        ops.restore_sgd_(w2, g, backup, buf2, torch.tensor(True), lr, momentum, damp, wd,
+                         nesterov, first)
+        assert torch.equal(w2, backup) and torch.equal(buf2, buf), "skip: restore only"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_plain_sgd_step_with_backup_aliasing_w(backend):
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(3)
+    w, g, buf = (rand(1000, torch.float32, gen) for _ in range(3))
+    w1, buf1 = w.clone(), buf.clone()
+    ops.restore_sgd_(w1, g, w1, buf1, torch.tensor(False), 0.1, 0.9, 0.0, 0.0, False, False)
+    b = 0.9 * buf.double() + g.double()
+    torch.testing.assert_close(w1.double(), w.double() - 0.1 * buf1.double())
+    torch.testing.assert_close(buf1.double(), b)
+
+
+@pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")
+def test_native_sq_norm_is_independent_of_thread_count():
+    g = torch.randn(300007)
+    w = torch.randn(300007)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(torch.ops.samfast.sq_norm(g, w, True, 0.01))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results)
+
+
+@pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")
+def test_native_opcheck():
+    assert samfast.backends.native.load_error() is None  # registers the fake kernels
+    g, w, backup, buf = (torch.randn(37) for _ in range(4))
+    torch.library.opcheck(torch.ops.samfast.sq_norm, (g, w, True, 0.1))
+    torch.library.opcheck(torch.ops.samfast.nonfinite, (g,))
+    torch.library.opcheck(torch.ops.samfast.ascent_,
+                          (w.clone(), g, backup.clone(), torch.tensor(0.1), torch.tensor(False),
+                           False, 0.0))
+    torch.library.opcheck(torch.ops.samfast.restore_sgd_,
+                          (w.clone(), g, backup, buf.clone(), torch.tensor(False), 0.1, 0.9,
+                           0.0, 1e-4, True, False))
