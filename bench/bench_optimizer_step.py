@@ -5,7 +5,12 @@ For the parameter lists of CIFAR models, side by side in one interleaved run:
   * LoopSAM: the per-tensor Python loop of davda54/sam (the baseline users have today),
   * ForeachSAM: the same algorithm with torch._foreach_* calls,
   * torch.optim.SGD(fused=True) alone: one SGD step, the floor (a SAM step must move about
-    twice the bytes of an SGD step).
+    twice the bytes of an SGD step),
+  * a plain device copy of a parameter-sized buffer, for the memory bandwidth of this run.
+
+Effective bandwidth = bytes that must move / time, in units of one parameter-sized buffer P:
+a SAM step with SGD-momentum must move 10 P (norm reads g; ascent reads w, g and writes backup,
+w; restore + SGD reads backup, g, momentum and writes w, momentum), an SGD step 5 P, a copy 2 P.
 
     python bench/bench_optimizer_step.py [--models wrn16_8 resnet20] [--device cpu] [--save]
 """
@@ -55,12 +60,20 @@ def implementations(model_name: str, device: torch.device) -> dict:
         fns[name] = base_step
     fused = torch.optim.SGD(fresh_params(model_name, device), fused=True, **SGD)
     fns["SGD(fused) alone"] = fused.step
+    n = sum(p.numel() for p in fresh_params(model_name, device))
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    fns["copy (bandwidth)"] = lambda: dst.copy_(src)
     return fns
+
+
+# Parameter-sized buffers each implementation must read + write (see the module docstring).
+MUST_MOVE = {"SGD(fused) alone": 5, "copy (bandwidth)": 2}
+SAM_MUST_MOVE = 10
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["wrn16_8", "resnet20"])
+    ap.add_argument("--models", nargs="+", default=["wrn16_8", "resnet20", "wrn28_10"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--save", action="store_true", help="write bench/results (or $OUT) files")
@@ -77,10 +90,13 @@ def main(argv=None) -> None:
         raw[model_name] = samples
         loop = median(samples["loop (davda54)"])
         floor = median(samples["SGD(fused) alone"])
-        rows = [[name, median(s) * 1e3, loop / median(s), median(s) / floor]
-                for name, s in samples.items()]
+        param_bytes = n_params * 4
+        rows = []
+        for name, s in samples.items():
+            gbps = MUST_MOVE.get(name, SAM_MUST_MOVE) * param_bytes / median(s) / 1e9
+            rows.append([name, median(s) * 1e3, loop / median(s), median(s) / floor, gbps])
         table = markdown_table(["implementation", "median ms", "speed-up vs loop",
-                                "x SGD(fused) step"], rows)
+                                "x SGD(fused) step", "effective GB/s"], rows)
         title = f"## {model_name}: {n_params / 1e6:.2f} M params in {n_tensors} tensors, fp32"
         sections.append(f"{title}\n\n{table}")
         print(f"\n{title}\n\n{table}", flush=True)

@@ -58,9 +58,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
+        except (OSError, ValueError, KeyError):
+            pass
+    return max(sizes, default=64 << 20)
+
+
+def cache_flusher(device: torch.device) -> Callable[[], None]:
+    """Overwrites twice the last-level cache, so every timed call starts cold, as an
+    optimizer step does in training (the forward/backward passes evict its buffers). On the
+    development CPU the L3 is 300 MiB: a step's buffers would otherwise stay cached between
+    calls and the numbers would depend on which implementation ran just before."""
+    buf = torch.empty(2 * last_level_cache_bytes(device) // 4, dtype=torch.float32,
+                      device=device)
+    return lambda: buf.fill_(1.0)
+
+
 def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, rounds: int = 15,
-                     inner: int = 1, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each fn, one sample per round, all fns interleaved in each round."""
+                     inner: int = 1, warmup: int = 2, cold: bool = True) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one sample per round, all fns interleaved in each round
+    (with ``cold``, the caches are flushed before each sample)."""
+    flush = cache_flusher(device) if cold else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -68,6 +93,7 @@ def time_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, r
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            flush()
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(inner):

@@ -5,11 +5,12 @@
 // ("opmath") and in double for fp64, rounded once on store. The CUDA kernels live in
 // csrc/cuda/samfast_cuda.cu and register the same schemas for the CUDA dispatch key.
 //
-// CPU design: the kernels are memory-bound streams, so the loops are written for the
-// compiler's auto-vectorizer (one pass, no branches in the body, flags hoisted into template
-// parameters) and split over threads with at::parallel_for. Reductions use fixed blocks of
-// kBlock elements whose partial sums are added in block order, so a result does not depend
-// on the number of threads (deterministic run to run and machine to machine).
+// CPU design: streams written for the compiler's auto-vectorizer (one pass, no branches in
+// the body, flags hoisted into template parameters), split over threads with
+// at::parallel_for. fp32/fp64 use csrc/cpu/kernels.h, built for SSE2 and for AVX2+FMA and
+// picked at run time. Reductions use fixed blocks of kBlock elements whose partial sums are
+// added in block order, so a result does not depend on the number of threads or the ISA
+// (deterministic run to run and machine to machine).
 
 #include <Python.h>
 
@@ -20,11 +21,64 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace samfast {
+
+// The fp32/fp64 kernels of csrc/cpu/kernels.h, compiled per ISA (see that file).
+#define SAMFAST_DECLARE_CPU_KERNELS(NS)                                                   \
+  namespace NS {                                                                          \
+  template <typename T>                                                                   \
+  T sq_norm_any(const T*, const T*, long, long, bool, T);                                 \
+  template <typename T>                                                                   \
+  long nonfinite(const T*, long, long);                                                   \
+  template <typename T>                                                                   \
+  void ascent_any(T*, const T*, T*, long, long, T, bool, T);                              \
+  template <typename T>                                                                   \
+  void restore_sgd_any(T*, const T*, const T*, T*, long, long, T, T, T, T, bool, bool);   \
+  }
+SAMFAST_DECLARE_CPU_KERNELS(base)
+#if defined(__x86_64__) && defined(__GNUC__)
+SAMFAST_DECLARE_CPU_KERNELS(avx2)
+SAMFAST_DECLARE_CPU_KERNELS(avx512)
+#endif
+#undef SAMFAST_DECLARE_CPU_KERNELS
+
 namespace {
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Isa isa = [] {
+    if (const char* forced = std::getenv("SAMFAST_CPU_ISA")) {  // for benchmarks and tests
+      const std::string f(forced);
+      if (f == "base") return Isa::kBase;
+      if (f == "avx2") return Isa::kAvx2;
+    }
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBase;
+  }();
+  return isa;
+#else
+  return Isa::kBase;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SAMFAST_CPU_CALL(fn, ...)                                        \
+  (cpu_isa() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__)                   \
+   : cpu_isa() == Isa::kAvx2 ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define SAMFAST_CPU_CALL(fn, ...) base::fn(__VA_ARGS__)
+#endif
 
 constexpr int64_t kBlock = 1 << 15;   // elements per reduction block
 constexpr int64_t kGrain = 1 << 15;   // elements per parallel task of elementwise kernels
@@ -69,6 +123,25 @@ acc_t blocked_sum(int64_t n, F f) {
   return total;
 }
 
+// fp32/fp64 run the ISA-dispatched kernels of csrc/cpu/kernels.h; fp16/bf16 the templates
+// here, which convert each element through c10's scalar conversions.
+bool is_wide(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+// Deterministic blocked reduction with a per-block function f(begin, end).
+template <typename acc_t, typename F>
+acc_t blocked_reduce(int64_t n, F f) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<acc_t> partial(blocks, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) partial[b] = f(b * kBlock, std::min(n, (b + 1) * kBlock));
+  });
+  acc_t total = 0;
+  for (acc_t p : partial) total += p;
+  return total;
+}
+
 template <typename scalar_t, bool kAdaptive>
 at::opmath_type<scalar_t> sq_norm_kernel(const scalar_t* g, const scalar_t* w, int64_t n,
                                          at::opmath_type<scalar_t> eta) {
@@ -85,7 +158,18 @@ at::Tensor sq_norm_cpu(const at::Tensor& g, const at::Tensor& w, bool adaptive, 
   check_flat(w, g, "w");
   const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({}, g.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "sq_norm", [&] {
+  if (is_wide(g)) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sq_norm", [&] {
+      const auto* gp = g.const_data_ptr<scalar_t>();
+      const auto* wp = w.const_data_ptr<scalar_t>();
+      const auto e = static_cast<scalar_t>(eta);
+      out.fill_(blocked_reduce<scalar_t>(g.numel(), [=](int64_t b, int64_t end) {
+        return SAMFAST_CPU_CALL(sq_norm_any<scalar_t>, gp, wp, b, end, adaptive, e);
+      }));
+    });
+    return out;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(g.scalar_type(), "sq_norm", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto* gp = g.const_data_ptr<scalar_t>();
     const auto* wp = w.const_data_ptr<scalar_t>();
@@ -99,7 +183,16 @@ at::Tensor sq_norm_cpu(const at::Tensor& g, const at::Tensor& w, bool adaptive, 
 at::Tensor nonfinite_cpu(const at::Tensor& g) {
   check_flat(g, g, "g");
   int64_t count = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "nonfinite", [&] {
+  if (is_wide(g)) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "nonfinite", [&] {
+      const auto* gp = g.const_data_ptr<scalar_t>();
+      count = blocked_reduce<int64_t>(g.numel(), [=](int64_t b, int64_t end) {
+        return static_cast<int64_t>(SAMFAST_CPU_CALL(nonfinite<scalar_t>, gp, b, end));
+      });
+    });
+    return at::full({}, static_cast<double>(count), g.options().dtype(at::kFloat));
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(g.scalar_type(), "nonfinite", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto* gp = g.const_data_ptr<scalar_t>();
     constexpr opmath_t inf = std::numeric_limits<opmath_t>::infinity();
@@ -139,7 +232,20 @@ void ascent_cpu(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const at
     backup.copy_(w);
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "ascent_", [&] {
+  if (is_wide(w)) {
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "ascent_", [&] {
+      const scalar_t s = scale.item<scalar_t>();
+      const auto e = static_cast<scalar_t>(eta);
+      auto* wp = w.mutable_data_ptr<scalar_t>();
+      auto* bp = backup.mutable_data_ptr<scalar_t>();
+      const auto* gp = g.const_data_ptr<scalar_t>();
+      at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        SAMFAST_CPU_CALL(ascent_any<scalar_t>, wp, gp, bp, begin, end, s, adaptive, e);
+      });
+    });
+    return;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "ascent_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t s = scale.item<opmath_t>();
     auto* wp = w.mutable_data_ptr<scalar_t>();
@@ -206,7 +312,21 @@ void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backu
     if (!backup.is_same(w)) w.copy_(backup);
     return;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "restore_sgd_", [&] {
+  if (is_wide(w)) {
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "restore_sgd_", [&] {
+      auto* wp = w.mutable_data_ptr<scalar_t>();
+      const auto* gp = g.const_data_ptr<scalar_t>();
+      const auto* bp = backup.const_data_ptr<scalar_t>();
+      auto* mp = buf.mutable_data_ptr<scalar_t>();
+      using T = scalar_t;
+      at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        SAMFAST_CPU_CALL(restore_sgd_any<T>, wp, gp, bp, mp, begin, end, T(lr), T(momentum),
+                         T(dampening), T(weight_decay), nesterov, first);
+      });
+    });
+    return;
+  }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "restore_sgd_", [&] {
     restore_sgd_dispatch<scalar_t>(w, g, backup, buf, lr, momentum, dampening, weight_decay,
                                    nesterov, first);
   });

@@ -23,6 +23,7 @@ are adopted again the same way; a param that changed device or dtype raises.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -56,10 +57,11 @@ class FlatBucket:
         self.params = params
         self.group_index = group_index
         self.device, self.dtype = params[0].device, params[0].dtype
-        self.offsets, offset = [], 0
+        self.offsets, self.ends, offset = [], [], 0
         for p in params:
             self.offsets.append(offset)
             offset += p.numel()
+            self.ends.append(offset)
         self.numel = offset
         kw = dict(dtype=self.dtype, device=self.device)
         self.param = torch.empty(self.numel, **kw)
@@ -67,8 +69,12 @@ class FlatBucket:
         self.backup = torch.empty(self.numel, **kw)
         self.momentum: Tensor | None = None
         self.param_views = [_view_like(self.param, o, p) for o, p in zip(self.offsets, params)]
+        self.param_ptrs = [v.data_ptr() for v in self.param_views]
         self.grad_views = [_view_like(self.grad, o, p) for o, p in zip(self.offsets, params)]
         self.momentum_views: list[Tensor] = []
+        # True once every stepped param's state holds its momentum view; cleared when the
+        # optimizer's state is replaced (load_state_dict), so the per-step check is skipped.
+        self.momentum_adopted = False
         self.received = [False] * len(params)
         # Frozen params cannot take a hook: their grad stays a plain attribute (None) until
         # they are unfrozen and receive one, which the copy path then adopts and hooks.
@@ -107,11 +113,13 @@ class FlatBucket:
 
     def _ranges(self, keys: list) -> list[tuple[int, int, object]]:
         """Maximal runs of consecutive params with the same key (None = skip)."""
+        if keys.count(keys[0]) == len(keys):  # the common case: one run or none
+            return [] if keys[0] is None else [(0, self.numel, keys[0])]
         runs: list[tuple[int, int, object]] = []
         for i, key in enumerate(keys):
             if key is None:
                 continue
-            start, end = self.offsets[i], self.offsets[i] + self.params[i].numel()
+            start, end = self.offsets[i], self.ends[i]
             if runs and runs[-1][2] == key and runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], end, key)
             else:
@@ -122,12 +130,13 @@ class FlatBucket:
     def active_mask(self) -> list[bool]:
         """Which params have a gradient now (torch semantics), after putting the views back."""
         mask = []
+        views, ptrs, received = self.grad_views, self.param_ptrs, self.received
         for i, p in enumerate(self.params):
-            if p.data_ptr() != self.param_views[i].data_ptr():
+            if p.data_ptr() != ptrs[i]:
                 self._adopt_param(i)
             g = p.grad
-            if g is self.grad_views[i]:
-                mask.append(self.received[i])
+            if g is views[i]:
+                mask.append(received[i])
             elif g is None:
                 mask.append(False)
             else:
@@ -147,6 +156,19 @@ class FlatBucket:
                 mask.append(True)
         return mask
 
+    @contextlib.contextmanager
+    def inactive_grads_hidden(self, mask: list[bool]):
+        """Inside: params without a gradient this step have ``grad = None``, so a base
+        optimizer's own step skips them as torch.optim does; the views come back after."""
+        hidden = [i for i, active in enumerate(mask) if not active and self.params[i].grad is not None]
+        for i in hidden:
+            self.params[i].grad = None
+        try:
+            yield
+        finally:
+            for i in hidden:
+                self.params[i].grad = self.grad_views[i]
+
     def runs(self, mask: list[bool]) -> list[tuple[int, int]]:
         return [(s, e) for s, e, _ in self._ranges([True if m else None for m in mask])]
 
@@ -164,6 +186,8 @@ class FlatBucket:
             self.momentum = torch.zeros_like(self.param)
             self.momentum_views = [_view_like(self.momentum, o, p)
                                    for o, p in zip(self.offsets, self.params)]
+        if self.momentum_adopted:
+            return [(s, e, False) for s, e in self.runs(mask)]
         keys = []
         for i, p in enumerate(self.params):
             if not mask[i]:
@@ -181,9 +205,12 @@ class FlatBucket:
 
     def publish_momentum(self, mask: list[bool], state: dict) -> None:
         """After an SGD step, the stepped params' state points at their momentum views."""
+        if self.momentum_adopted:
+            return
         for i, p in enumerate(self.params):
             if mask[i]:
                 state[p]["momentum_buffer"] = self.momentum_views[i]
+        self.momentum_adopted = all(mask)  # else params without a buffer remain: keep checking
 
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:

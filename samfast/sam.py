@@ -288,6 +288,7 @@ class SAM(torch.optim.Optimizer):
         own = state_dict.pop("samfast", {})
         self.base_optimizer.load_state_dict(state_dict)
         self._share_base_state()  # load_state_dict replaced the base's lists
+        self._backend.state_replaced()
         for group in self.param_groups:
             for key in _SAM_DEFAULT_KEYS:
                 group.setdefault(key, self.defaults[key])

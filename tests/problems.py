@@ -50,7 +50,7 @@ def make_problem(seed: int, groups: list[GTGroup], steps: int = 5, sizes=SIZES,
 
 def grad_of(w: torch.Tensor, coeff) -> torch.Tensor:
     """g(w), computed in float64 from w and rounded to w's dtype."""
-    a, b, c = coeff
+    a, b, c = (t.to(w.device) for t in coeff)
     w64 = w.detach().double()
     return (a * w64 + b * torch.sin(w64) + c).to(w.dtype)
 

@@ -24,6 +24,8 @@ nothing and lets ``step(closure)`` skip the second pass exactly like the referen
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -62,6 +64,11 @@ class FusedBackend:
     def _sgd_fast_path(self) -> bool:
         # Exactly torch.optim.SGD: a subclass may change the update.
         return type(self._optimizer.base_optimizer) is torch.optim.SGD
+
+    def state_replaced(self) -> None:
+        """The optimizer's state was replaced (load_state_dict): re-adopt momentum buffers."""
+        for bucket in self.buckets:
+            bucket.momentum_adopted = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for bucket in self.buckets:
@@ -158,8 +165,14 @@ class FusedBackend:
             for bucket in self.buckets:
                 bucket.param.copy_(bucket.backup)
             if not bool(skip):  # the base optimizer's own step needs the decision on the host
-                base_step()
+                self._base_step_on_active(masks, base_step)
         return _host_flag(skip)
+
+    def _base_step_on_active(self, masks: list[list[bool]], base_step) -> None:
+        with contextlib.ExitStack() as stack:
+            for bucket, mask in zip(self.buckets, masks):
+                stack.enter_context(bucket.inactive_grads_hidden(mask))
+            base_step()
 
     def base_step(self, groups: list[dict], base_step) -> bool | Tensor:
         masks = [b.active_mask() for b in self.buckets]
@@ -170,5 +183,5 @@ class FusedBackend:
         if self._sgd_fast_path:
             self._sgd_update(groups, masks, skip, restore=False)
         elif not bool(skip):
-            base_step()
+            self._base_step_on_active(masks, base_step)
         return _host_flag(skip)

@@ -59,12 +59,14 @@ def _jit_build() -> None:
 
     root = os.path.join(os.path.dirname(__file__), "..", "..", "csrc")
     sources = sorted(glob.glob(os.path.join(root, "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(root, "cpu", "*.cpp")))
     if torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None:
         sources += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
     if not sources:
         raise RuntimeError(f"no sources under {root}")
-    cpp_extension.load("samfast_C_jit", sources, extra_cflags=["-O3"],
-                       extra_cuda_cflags=["-O3"], is_python_module=False)
+    cpp_extension.load("samfast_C_jit", sources, extra_cflags=["-O3", "-fopenmp", "-fno-wrapv"],
+                       extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"],
+                       is_python_module=False)
 
 
 def unavailable_reason(device: torch.device) -> str | None:

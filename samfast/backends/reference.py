@@ -133,6 +133,9 @@ class ReferenceBackend:
     def add_group(self, index: int) -> None:
         pass
 
+    def state_replaced(self) -> None:
+        pass
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.base_optimizer.zero_grad(set_to_none=set_to_none)
 
