@@ -6,14 +6,16 @@ Public API::
     samfast.available_backends(device=None)         # ["reference", ...]
     samfast.running_stats_disabled(model)           # BatchNorm helper for the second pass
     samfast.disable_running_stats / enable_running_stats
+    samfast.SwitchSchedule                          # SGD -> SAM late, SAM -> SGD, adversarial
 """
 
 from ._version import __version__
 from .backends import available_backends
 from .bn import disable_running_stats, enable_running_stats, running_stats_disabled
 from .sam import ASAM, SAM, USAM
+from .schedule import SwitchSchedule
 
 __all__ = [
     "SAM", "ASAM", "USAM", "available_backends", "disable_running_stats",
-    "enable_running_stats", "running_stats_disabled", "__version__",
+    "enable_running_stats", "running_stats_disabled", "SwitchSchedule", "__version__",
 ]

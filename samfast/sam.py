@@ -269,6 +269,14 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
+    def reset_base_state(self) -> None:
+        """Forget the base optimizer's state (momentum buffers, Adam moments...), as a freshly
+        built optimizer would have; the next step starts them anew."""
+        if self._phase == _PERTURBED:
+            raise RuntimeError("SAM.reset_base_state called between first_step and second_step")
+        self.base_optimizer.state.clear()
+        self._backend.state_replaced()
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

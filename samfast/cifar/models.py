@@ -10,7 +10,7 @@ pixel space [0, 1] (as adversarial attacks and RobustBench expect) and normalize
 | resnet18  | 11.17 M | He et al. 2016, ImageNet block layout with a 3x3 CIFAR stem        |
 | resnet20/32/56 | 0.27/0.46/0.85 M | He et al. 2016 CIFAR ResNets, 16/32/64 channels, option-A shortcuts |
 | vgg16_bn  | 14.72 M | Simonyan & Zisserman 2015 with BatchNorm, one linear classifier    |
-| small_cnn | 0.10 M  | three conv-BN-ReLU-pool stages: an epoch of 10k images in seconds on a CPU |
+| small_cnn | 0.05 M  | three conv-BN-ReLU-pool stages (24/48/96 channels): an epoch of 10k images in ~8 s on 2 CPU cores |
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class VGG16BN(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 24) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(

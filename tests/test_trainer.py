@@ -1,0 +1,257 @@
+"""The CIFAR trainer on tiny subsets of the embedded real CIFAR-10 data: models, data
+loading, augmentation, the SGD -> SAM switch, bit-identical resume after SIGKILL, bad flags."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import samfast
+from samfast.cifar import train as trainer
+from samfast.cifar.data import (DataError, Split, augment, epoch_generator, load_cifar,
+                                stratified_subset, train_batches)
+from samfast.cifar.demo import DEMO_DATA
+from samfast.cifar.models import MODELS, build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_args(out, *extra):
+    return ["--data-dir", str(DEMO_DATA), "--train-subset", "200", "--test-subset", "100",
+            "--batch-size", "50", "--out", str(out), "--quiet", "--device", "cpu", *extra]
+
+
+# -- models ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_one_sam_step(name):
+    torch.manual_seed(0)
+    model = build_model(name, 10)
+    opt = samfast.SAM(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        with samfast.running_stats_disabled(model, enabled=opt.perturbed):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    assert torch.isfinite(loss) and model(x).shape == (4, 10)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_model_sizes_match_the_literature():
+    sizes = {n: sum(p.numel() for p in build_model(n).parameters()) / 1e6
+             for n in ("wrn16_8", "wrn28_10", "resnet20", "resnet56", "resnet18", "vgg16_bn")}
+    assert sizes["wrn16_8"] == pytest.approx(10.96, abs=0.02)
+    assert sizes["wrn28_10"] == pytest.approx(36.48, abs=0.02)
+    assert sizes["resnet20"] == pytest.approx(0.27, abs=0.005)
+    assert sizes["resnet56"] == pytest.approx(0.85, abs=0.01)
+    assert sizes["resnet18"] == pytest.approx(11.17, abs=0.02)
+    assert sizes["vgg16_bn"] == pytest.approx(14.72, abs=0.05)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def _write_official(root: Path, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    parts = np.array_split(np.arange(len(x)), 5)
+    for i, idx in enumerate(parts, 1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"data": x[idx].transpose(0, 3, 1, 2).reshape(len(idx), -1),
+                         "labels": y[idx].tolist()}, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": xt.transpose(0, 3, 1, 2).reshape(len(xt), -1),
+                     "labels": yt.tolist()}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+
+
+def test_official_format_matches_npz_and_torchvision(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (25, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 25).astype(np.uint8)
+    xt = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    yt = rng.integers(0, 10, 7).astype(np.uint8)
+    _write_official(tmp_path / "official", x, y, xt, yt)
+    # Our fixture is not the real file set, so its MD5s differ from torchvision's list.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    train, test = load_cifar(str(tmp_path / "official"))
+    ref = torchvision.datasets.CIFAR10(str(tmp_path / "official"), train=True)
+    assert np.array_equal(train.x.permute(0, 2, 3, 1).numpy(), ref.data)
+    assert train.y.tolist() == list(ref.targets) == y.tolist()
+    assert np.array_equal(test.x.permute(0, 2, 3, 1).numpy(), xt)
+    (tmp_path / "npz").mkdir()
+    np.savez_compressed(tmp_path / "npz" / "train_0.npz", x=x, y=y)
+    np.savez_compressed(tmp_path / "npz" / "test.npz", x=xt, y=yt)
+    train2, test2 = load_cifar(str(tmp_path / "npz"))
+    assert torch.equal(train.x, train2.x) and torch.equal(train.y, train2.y)
+    assert torch.equal(test.x, test2.x) and torch.equal(test.y, test2.y)
+
+
+def test_corrupt_or_wrong_shaped_data_gives_a_clear_error(tmp_path):
+    (tmp_path / "train_0.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "test.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.zeros(2))
+    with pytest.raises(DataError, match="train_0.npz"):
+        load_cifar(str(tmp_path))
+    np.savez(tmp_path / "train_0.npz", x=np.zeros((2, 3, 32, 32), np.uint8), y=np.zeros(2))
+    with pytest.raises(DataError, match=r"\(N, 32, 32, 3\)"):
+        load_cifar(str(tmp_path))
+    np.savez(tmp_path / "train_0.npz", x=np.zeros((2, 32, 32, 3), np.uint8), y=np.array([0, 12]))
+    with pytest.raises(DataError, match="labels"):
+        load_cifar(str(tmp_path))
+    with pytest.raises(DataError, match="no cifar10 data"):
+        load_cifar(str(tmp_path / "empty"))
+
+
+def test_embedded_demo_data_is_intact_and_stratified():
+    import hashlib
+    for line in (DEMO_DATA / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert hashlib.sha256((DEMO_DATA / name).read_bytes()).hexdigest() == digest
+    train, test = load_cifar(str(DEMO_DATA))
+    assert torch.bincount(train.y).tolist() == [250] * 10
+    assert torch.bincount(test.y).tolist() == [50] * 10
+    sub = stratified_subset(train, 200, seed=3)
+    assert torch.bincount(sub.y).tolist() == [20] * 10
+
+
+def test_augmentation_keeps_labels_and_shapes_and_only_shifts_and_flips():
+    train, _ = load_cifar(str(DEMO_DATA))
+    split = Split(train.x[:64], train.y[:64])
+    gen = epoch_generator(0, 0)
+    order = torch.randperm(64, generator=epoch_generator(0, 0))
+    batches = list(train_batches(split, 20, gen))
+    assert [len(b[1]) for b in batches] == [20, 20, 20, 4]
+    assert torch.equal(torch.cat([b[1] for b in batches]), split.y[order])
+    x0 = batches[0][0][0]
+    assert x0.shape == (3, 32, 32) and x0.dtype == torch.float32
+    assert 0 <= float(x0.min()) and float(x0.max()) <= 1
+    # Brute force: the output is some 32x32 window of the zero-padded image, maybe flipped.
+    src = torch.nn.functional.pad(split.x[order[0]], (4, 4, 4, 4)).float() / 255
+    windows = [w for dy in range(9) for dx in range(9)
+               for w in (src[:, dy:dy + 32, dx:dx + 32], src[:, dy:dy + 32, dx:dx + 32].flip(2))]
+    assert any(torch.equal(x0, w) for w in windows)
+    cut = augment(split.x[:16], epoch_generator(1, 0), cutout=8)
+    assert cut.shape == (16, 3, 32, 32) and cut.dtype == torch.uint8
+    assert all(int((c == 0).all(0).sum()) >= 16 for c in cut)  # a zeroed hole in every image
+
+
+# -- the trainer -----------------------------------------------------------------------------
+
+def test_sam_switch_happens_at_the_right_epoch_and_doubles_passes(tmp_path, monkeypatch):
+    passes: list[int] = []
+    build = trainer.build_model
+
+    def counting_model(*a, **k):
+        model = build(*a, **k)
+        model.register_forward_pre_hook(lambda m, inp: passes.append(1) if m.training else None)
+        return model
+    monkeypatch.setattr(trainer, "build_model", counting_model)
+    per_epoch = []
+
+    real_epoch = trainer.train_epoch
+
+    def counting_epoch(*a, **k):
+        start = len(passes)
+        out = real_epoch(*a, **k)
+        per_epoch.append(len(passes) - start)
+        return out
+    monkeypatch.setattr(trainer, "train_epoch", counting_epoch)
+    summary = trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "3",
+                                                         "--sam-start", "2")))
+    assert per_epoch == [4, 4, 8]  # 200 images / 50 per batch; two passes once SAM is on
+    assert summary["sam_epochs"] == 1 and summary["epochs"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["sgd", "sgd", "sam"]
+    assert set(rows[0]) >= {"epoch", "phase", "lr", "train_loss", "train_acc", "test_loss",
+                            "test_acc", "epoch_time_s"}
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert {"test_acc", "test_loss", "train_loss", "epochs", "sam_epochs", "wall_time_s",
+            "config", "versions"} <= set(saved)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 3
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    args = tiny_args(tmp_path / "killed", "--epochs", "6", "--sam-start", "3",
+                     "--deterministic", "--lr-schedule", "cosine")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "samfast.cifar.train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            try:
+                epoch = torch.load(ckpt, weights_only=True)["epoch"]
+            except Exception:  # noqa: BLE001 - mid-rename on another file system
+                epoch = 0
+            if epoch >= 2:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = epoch
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_at is not None and killed_at < 6, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL
+    trainer.run(trainer.parse_config(args + ["--resume"]))
+    trainer.run(trainer.parse_config(tiny_args(tmp_path / "straight", "--epochs", "6",
+                                               "--sam-start", "3", "--deterministic",
+                                               "--lr-schedule", "cosine")))
+    a, b = _weights(ckpt), _weights(tmp_path / "straight" / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == list(range(6))
+
+
+def test_resume_with_other_settings_refuses(tmp_path):
+    trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "1")))
+    with pytest.raises(SystemExit, match="--lr"):
+        trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "1", "--lr", "0.3",
+                                                   "--resume")))
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--model", "resnet99"], "--model"), (["--epochs", "0"], "--epochs"),
+    (["--epochs", "10", "--sam-start", "11"], "--sam-start"),
+    (["--sam-start", "5", "--sam-end", "3", "--epochs", "10"], "--sam-end"),
+    (["--rho", "-0.1"], "--rho"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"), (["--label-smoothing", "1.5"], "--label-smoothing"),
+    (["--amp", "fp16"], "--amp"), (["--backend", "magic"], "--backend"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--train-subset", "3"], "--train-subset"), (["--cutout", "40"], "--cutout"),
+])
+def test_bad_flags_fail_before_any_work_naming_the_flag(flags, name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        trainer.parse_config(["--out", "/nonexistent/never-created", *flags])
+    assert exc.value.code == 2
+    assert name in capsys.readouterr().err
+    assert not Path("/nonexistent/never-created").exists()
+
+
+def test_cli_reports_missing_data_without_a_traceback(tmp_path):
+    code = trainer.main(["--data-dir", str(tmp_path), "--epochs", "1", "--out",
+                         str(tmp_path / "o"), "--quiet"])
+    assert code == 2
