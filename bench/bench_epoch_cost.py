@@ -31,6 +31,9 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="small_cnn")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="run the three configurations this many times, in turn, so that a "
+                         "slow spell of a shared machine hits all of them")
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args(argv)
     late = int(round(0.75 * args.epochs))
@@ -38,27 +41,35 @@ def main(argv=None) -> None:
             f"SGD -> SAM at epoch {late}": ["--optimizer", "sam", "--sam-start", str(late)]}
     env = environment(torch.device(args.device))
     print(", ".join(f"{k}={v}" for k, v in env.items()))
-    histories = {}
+    histories: dict[str, list] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, flags) in enumerate(runs.items()):
-            cfg = trainer.parse_config([
-                "--data-dir", args.data_dir, "--train-subset", str(args.train_subset),
-                "--test-subset", "1000", "--model", args.model, "--epochs", str(args.epochs),
-                "--device", args.device, "--out", f"{tmp}/{i}", "--quiet",
-                "--eval-every", str(args.epochs), *flags])
-            trainer.run(cfg)
-            histories[name] = [json.loads(line) for line in
-                               Path(f"{tmp}/{i}/metrics.jsonl").read_text().splitlines()]
+        for rep in range(args.repeats):
+            for i, (name, flags) in enumerate(runs.items()):
+                out = f"{tmp}/{rep}-{i}"
+                cfg = trainer.parse_config([
+                    "--data-dir", args.data_dir, "--train-subset", str(args.train_subset),
+                    "--test-subset", "1000", "--model", args.model, "--epochs",
+                    str(args.epochs), "--device", args.device, "--out", out, "--quiet",
+                    "--eval-every", str(args.epochs), *flags])
+                trainer.run(cfg)
+                histories[name].append([json.loads(line) for line in
+                                        Path(out, "metrics.jsonl").read_text().splitlines()])
     sgd_name, sam_name, late_name = runs
-    sgd_epoch = statistics.median(r["epoch_time_s"] for r in histories[sgd_name])
-    sam_epoch = statistics.median(r["epoch_time_s"] for r in histories[sam_name])
-    totals = {n: sum(r["epoch_time_s"] for r in h) for n, h in histories.items()}
-    rows = [[n, statistics.median(r["epoch_time_s"] for r in h), totals[n],
-             totals[n] / totals[sgd_name], h[-1]["test_acc"]] for n, h in histories.items()]
-    table = markdown_table(["run", "median epoch s", "train time s", "x SGD run",
-                            "test acc %"], rows)
+
+    def epoch_times(name, phase=None):
+        return [r["epoch_time_s"] for h in histories[name] for r in h
+                if phase is None or r["phase"] == phase]
+    sgd_epoch = statistics.median(epoch_times(sgd_name))
+    sam_epoch = statistics.median(epoch_times(sam_name))
+    totals = {n: statistics.median(sum(r["epoch_time_s"] for r in h) for h in hs)
+              for n, hs in histories.items()}
+    rows = [[n, statistics.median(epoch_times(n)), totals[n], totals[n] / totals[sgd_name],
+             statistics.mean(h[-1]["test_acc"] for h in hs)] for n, hs in histories.items()]
+    table = markdown_table(["run", "median epoch s", "median train time s", "x SGD run",
+                            "mean test acc %"], rows)
     text = (f"{args.model}, {args.train_subset} CIFAR-10 training images, {args.epochs} epochs, "
-            f"batch 128\n\n{table}\n\nSAM / SGD epoch time: {sam_epoch / sgd_epoch:.3f}")
+            f"batch 128, {args.repeats} repeats in turn\n\n{table}\n\n"
+            f"SAM / SGD median epoch time: {sam_epoch / sgd_epoch:.3f}")
     print(text)
     if args.save:
         print("wrote", write_results("epoch_cost", env, text, histories, None))

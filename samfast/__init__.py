@@ -7,6 +7,8 @@ Public API::
     samfast.running_stats_disabled(model)           # BatchNorm helper for the second pass
     samfast.disable_running_stats / enable_running_stats
     samfast.SwitchSchedule                          # SGD -> SAM late, SAM -> SGD, adversarial
+    samfast.hessian_eigenvalues / hessian_trace     # sharpness (Lanczos, power, Hutchinson)
+    samfast.pgd_attack / robust_accuracy            # PGD (L-inf, L2) and robust accuracy
 """
 
 from ._version import __version__
@@ -14,8 +16,11 @@ from .backends import available_backends
 from .bn import disable_running_stats, enable_running_stats, running_stats_disabled
 from .sam import ASAM, SAM, USAM
 from .schedule import SwitchSchedule
+from .sharpness import SharpnessInfo, hessian_eigenvalues, hessian_trace
+from .adversarial import pgd_attack, robust_accuracy
 
 __all__ = [
     "SAM", "ASAM", "USAM", "available_backends", "disable_running_stats",
-    "enable_running_stats", "running_stats_disabled", "SwitchSchedule", "__version__",
+    "enable_running_stats", "running_stats_disabled", "SwitchSchedule", "hessian_eigenvalues",
+    "hessian_trace", "SharpnessInfo", "pgd_attack", "robust_accuracy", "__version__",
 ]

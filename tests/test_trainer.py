@@ -255,3 +255,53 @@ def test_cli_reports_missing_data_without_a_traceback(tmp_path):
     code = trainer.main(["--data-dir", str(tmp_path), "--epochs", "1", "--out",
                          str(tmp_path / "o"), "--quiet"])
     assert code == 2
+
+
+def test_sharpness_is_logged_and_the_cli_reads_the_checkpoint(tmp_path, capsys):
+    summary = trainer.run(trainer.parse_config(tiny_args(
+        tmp_path, "--epochs", "2", "--sharpness-every", "1", "--sharpness-samples", "60",
+        "--sharpness-k", "2", "--sharpness-iters", "6")))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("sharpness" in r for r in rows)
+    assert summary["sharpness"] == rows[-1]["sharpness"] > 0
+    assert len(summary["hessian_top"]) == 2 and summary["hessian_top"][0] >= summary["hessian_top"][1]
+    from samfast.cifar import sharpness_cli
+    capsys.readouterr()
+    assert sharpness_cli.main([str(tmp_path / "last.pt"), "--data-dir", str(DEMO_DATA),
+                               "--k", "2", "--samples", "60", "--max-iter", "30",
+                               "--trace-samples", "2", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["eigenvalues"]) == 2 and "trace" in result
+
+
+def test_late_switch_to_adversarial_training_and_robust_accuracy(tmp_path, monkeypatch):
+    calls = []
+    real = samfast.pgd_attack
+
+    def counting(*a, **k):
+        calls.append(k["steps"])
+        return real(*a, **k)
+    monkeypatch.setattr(samfast, "pgd_attack", counting)
+    cfg = trainer.parse_config(tiny_args(tmp_path, "--epochs", "3", "--adv-start", "2",
+                                         "--adv-eps", "4/255", "--adv-alpha", "1/255",
+                                         "--adv-steps", "2", "--eval-robust-every", "3",
+                                         "--eval-pgd-steps", "3", "--eval-robust-samples", "20",
+                                         "--sam-start", "1"))
+    assert cfg["adv_eps"] == pytest.approx(4 / 255)
+    summary = trainer.run(cfg)
+    assert calls == [2] * 4  # the 4 training batches of epoch 2 only (PGD-2)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["sgd", "sam", "sam+adv"]
+    assert summary["adversarial_epochs"] == 1
+    assert 0 <= summary["robust_acc"] <= 100 and "robust_acc" in rows[-1]
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--adv-end", "3"], "--adv-end"), (["--adv-start", "20"], "--adv-start"),
+    (["--adv-eps", "x/255"], "--adv-eps"), (["--adv-steps", "-1"], "--adv-steps"),
+    (["--sharpness-every", "-1"], "--sharpness-every"),
+])
+def test_bad_adversarial_and_sharpness_flags(flags, name, capsys):
+    with pytest.raises(SystemExit):
+        trainer.parse_config(["--epochs", "10", *flags])
+    assert name in capsys.readouterr().err

@@ -80,6 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear the momentum buffers when SAM switches on or off")
     s.add_argument("--backend", default="auto", help="samfast backend (auto, reference, native, "
                                                      "triton)")
+    h = p.add_argument_group("sharpness (top Hessian eigenvalue of the training loss)")
+    h.add_argument("--sharpness-every", type=int, default=0,
+                   help="measure every N epochs and at the end (0: never)")
+    h.add_argument("--sharpness-samples", type=int, default=1024,
+                   help="on this fixed stratified subset of the training images")
+    h.add_argument("--sharpness-k", type=int, default=1, help="how many top eigenvalues")
+    h.add_argument("--sharpness-iters", type=int, default=20, help="Lanczos iterations at most")
+    a = p.add_argument_group("adversarial training (PGD) and robust evaluation")
+    a.add_argument("--adv-start", type=int, default=None,
+                   help="first epoch of PGD adversarial training (default: none)")
+    a.add_argument("--adv-end", type=int, default=None,
+                   help="adversarial training only before this epoch")
+    a.add_argument("--adv-eps", type=_pixels, default=8 / 255,
+                   help="radius in pixels of [0, 1]; '8/255' accepted")
+    a.add_argument("--adv-alpha", type=_pixels, default=2 / 255, help="PGD step size")
+    a.add_argument("--adv-steps", type=int, default=10, help="PGD steps in training")
+    a.add_argument("--adv-norm", choices=("linf", "l2"), default="linf")
+    a.add_argument("--eval-robust-every", type=int, default=0,
+                   help="robust accuracy every N epochs and at the end (0: never)")
+    a.add_argument("--eval-pgd-steps", type=int, default=20)
+    a.add_argument("--eval-robust-samples", type=int, default=500,
+                   help="on this fixed stratified subset of the test images")
     r = p.add_argument_group("run")
     r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     r.add_argument("--channels-last", action="store_true")
@@ -95,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eval-batch-size", type=int, default=500)
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _pixels(text: str) -> float:
+    """A float, or a fraction such as 8/255."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from exc
 
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -126,6 +159,29 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                         ("--test-subset", args.test_subset)):
         if value is not None and value < 10:
             bad(flag, f"must be >= 10 (one image per class at least), got {value}")
+    if args.adv_start is not None and not 0 <= args.adv_start <= args.epochs:
+        bad("--adv-start", f"must be in 0..{args.epochs} (--epochs), got {args.adv_start}")
+    if args.adv_end is not None:
+        if args.adv_start is None:
+            bad("--adv-end", "needs --adv-start")
+        if not args.adv_start <= args.adv_end <= args.epochs:
+            bad("--adv-end", f"must be in {args.adv_start}..{args.epochs}, got {args.adv_end}")
+    for flag, value in (("--adv-eps", args.adv_eps), ("--adv-alpha", args.adv_alpha)):
+        if not math.isfinite(value) or value < 0:
+            bad(flag, f"must be a finite number >= 0, got {value}")
+    for flag, value in (("--adv-steps", args.adv_steps), ("--eval-pgd-steps", args.eval_pgd_steps),
+                        ("--eval-robust-every", args.eval_robust_every)):
+        if value < 0:
+            bad(flag, f"must be >= 0, got {value}")
+    if args.eval_robust_samples < 10:
+        bad("--eval-robust-samples", f"must be >= 10, got {args.eval_robust_samples}")
+    if args.sharpness_every < 0:
+        bad("--sharpness-every", f"must be >= 0, got {args.sharpness_every}")
+    for flag, value in (("--sharpness-samples", args.sharpness_samples),
+                        ("--sharpness-k", args.sharpness_k),
+                        ("--sharpness-iters", args.sharpness_iters)):
+        if value < 1:
+            bad(flag, f"must be >= 1, got {value}")
     for flag, value in (("--checkpoint-every", args.checkpoint_every),
                         ("--eval-every", args.eval_every),
                         ("--eval-batch-size", args.eval_batch_size)):
@@ -296,6 +352,49 @@ def evaluate(cfg, model, split, device) -> tuple[float, float]:
     return float(total) / len(split), 100.0 * float(correct) / len(split)
 
 
+def sharpness_batches(cfg: dict, train) -> list:
+    """A fixed stratified subset of the (unaugmented) training images, in eval batches."""
+    n = min(cfg["sharpness_samples"], len(train))
+    subset = stratified_subset(train, n, seed=cfg["seed"] + 1) if n < len(train) else train
+    return list(eval_batches(subset, cfg["eval_batch_size"]))
+
+
+def measure_sharpness(cfg: dict, model, batches) -> dict:
+    """Top eigenvalues of the Hessian of the mean cross-entropy (no label smoothing), with
+    BatchNorm in eval mode; see samfast.sharpness."""
+    eigs, info = samfast.hessian_eigenvalues(
+        model, F.cross_entropy, batches, k=cfg["sharpness_k"], max_iter=cfg["sharpness_iters"],
+        tol=1e-3, seed=cfg["seed"], return_info=True)
+    return {"sharpness": float(eigs[0]), "hessian_top": eigs.tolist(),
+            "sharpness_hvps": info.hvps}
+
+
+def adversarial_inputs(cfg: dict, epoch: int):
+    """x -> PGD examples for adversarial training, with a random start drawn from a
+    generator of (seed, epoch): a resumed epoch attacks exactly as the uninterrupted one."""
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch + 500_009)
+
+    def perturb(model, x, y):
+        with autocast(cfg, x.device):
+            return samfast.pgd_attack(model, x, y, eps=cfg["adv_eps"], alpha=cfg["adv_alpha"],
+                                      steps=cfg["adv_steps"], norm=cfg["adv_norm"],
+                                      generator=gen)
+    return perturb
+
+
+def robust_eval(cfg: dict, test):
+    """model -> PGD-k accuracy (%) on a fixed stratified subset of the test set."""
+    n = min(cfg["eval_robust_samples"], len(test))
+    subset = stratified_subset(test, n, seed=cfg["seed"] + 2) if n < len(test) else test
+    batches = list(eval_batches(subset, cfg["eval_batch_size"]))
+
+    def evaluate_robust(model) -> float:
+        return samfast.robust_accuracy(model, batches, eps=cfg["adv_eps"],
+                                       alpha=cfg["adv_alpha"], steps=cfg["eval_pgd_steps"],
+                                       norm=cfg["adv_norm"], seed=cfg["seed"])
+    return evaluate_robust
+
+
 # =============================================================================================
 # checkpoints
 # =============================================================================================
@@ -328,7 +427,8 @@ def save_checkpoint(path: Path, cfg, model, opt, lr_sched, next_epoch, history, 
 # Settings that must match for --resume to continue the same run.
 _RESUME_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                 "nesterov", "lr_schedule", "label_smoothing", "cutout", "optimizer", "rho",
-                "eta", "sam_start", "sam_end", "reset_momentum", "seed", "train_subset", "amp")
+                "eta", "sam_start", "sam_end", "reset_momentum", "seed", "train_subset", "amp",
+                "adv_start", "adv_end", "adv_eps", "adv_alpha", "adv_steps", "adv_norm")
 
 
 def load_checkpoint(path: Path, cfg) -> dict:
@@ -425,8 +525,8 @@ def run(cfg: dict) -> dict:
     elif cfg["resume"]:
         print(f"--resume: no {ckpt_path} yet, starting from scratch", file=sys.stderr)
 
-    extra_eval = cfg.get("extra_eval")  # hook for robust accuracy (adversarial trainer)
-    perturb = cfg.get("perturb_inputs")
+    extra_eval = robust_eval(cfg, test) if cfg["eval_robust_every"] else None
+    sharp_batches = sharpness_batches(cfg, train) if cfg["sharpness_every"] else None
     t_run = time.perf_counter()
     from tqdm.auto import tqdm
     steps = math.ceil(len(train) / cfg["batch_size"])
@@ -436,7 +536,7 @@ def run(cfg: dict) -> dict:
         progress = None if cfg["quiet"] else tqdm(
             total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']} [{schedule.phase(epoch)}]",
             unit="batch", leave=False, disable=None)
-        adv = perturb if (perturb is not None and schedule.adversarial_at(epoch)) else None
+        adv = adversarial_inputs(cfg, epoch) if schedule.adversarial_at(epoch) else None
         train_loss, train_acc, seconds, _ = train_epoch(cfg, epoch, forward_model, opt, train,
                                                        device, scaler, progress, adv)
         if progress is not None:
@@ -448,8 +548,10 @@ def run(cfg: dict) -> dict:
         last = epoch == cfg["epochs"] - 1
         if last or (epoch + 1) % cfg["eval_every"] == 0:
             row["test_loss"], row["test_acc"] = evaluate(cfg, model, test, device)
-            if extra_eval is not None:
-                row.update(extra_eval(model, test, epoch))
+        if extra_eval is not None and (last or (epoch + 1) % cfg["eval_robust_every"] == 0):
+            row["robust_acc"] = extra_eval(model)
+        if sharp_batches is not None and (last or (epoch + 1) % cfg["sharpness_every"] == 0):
+            row.update(measure_sharpness(cfg, model, sharp_batches))
         history.append(row)
         write_metrics(out, history)
         if not cfg["quiet"]:
@@ -473,7 +575,7 @@ def run(cfg: dict) -> dict:
         "skipped_steps": opt.skipped_steps, "backend": opt.backend,
         "config": _jsonable(cfg), "versions": versions(device),
     }
-    for key in ("robust_acc", "sharpness"):
+    for key in ("robust_acc", "sharpness", "hessian_top"):
         if key in final:
             summary[key] = final[key]
     atomic_write_bytes(out / "summary.json",

@@ -1,0 +1,110 @@
+"""Sharpness measurement cost: Lanczos vs power iteration (PyHessian's method), side by side.
+
+On the same model and data: the Hessian-vector products (HVPs) each method needs before its
+top-k estimates are within 1e-3 (relative) of the converged values, for k = 1 and k = 5; and
+the time of one HVP relative to one forward + backward pass on the same batches.
+
+    python bench/bench_sharpness.py [--samples 512] [--train-epochs 2] [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import samfast  # noqa: E402
+from common import environment, markdown_table, median, write_results  # noqa: E402
+from samfast.cifar import train as trainer  # noqa: E402
+from samfast.cifar.data import eval_batches, load_cifar, stratified_subset  # noqa: E402
+from samfast.cifar.demo import DEMO_DATA  # noqa: E402
+from samfast.sharpness import _HessianOperator  # noqa: E402
+
+
+def first_within(history: list, truth: torch.Tensor, rel: float) -> int | None:
+    """1-based index of the first Ritz-value list whose top-k are all within ``rel``."""
+    for i, values in enumerate(history, 1):
+        if len(values) >= len(truth) and all(
+                abs(v - float(t)) <= rel * abs(float(t)) for v, t in zip(values, truth)):
+            return i
+    return None
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="small_cnn")
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--train-epochs", type=int, default=2,
+                    help="train the model briefly first (a random init has a boring Hessian)")
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu")
+    env = environment(device)
+    print(", ".join(f"{k}={v}" for k, v in env.items()))
+    out = Path("runs/bench_sharpness")
+    cfg = trainer.parse_config(["--data-dir", str(DEMO_DATA), "--model", args.model,
+                                "--epochs", str(args.train_epochs), "--optimizer", "sgd",
+                                "--out", str(out), "--quiet", "--device", "cpu"])
+    trainer.run(cfg)
+    model = trainer.build_model(args.model, 10)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    train, _ = load_cifar(str(DEMO_DATA))
+    batches = list(eval_batches(stratified_subset(train, args.samples, seed=1), 256))
+
+    truth = samfast.hessian_eigenvalues(model, F.cross_entropy, batches, k=5, max_iter=120,
+                                        tol=1e-10)
+    rows, raw = [], {"truth": truth.tolist()}
+    for k in (1, 5):
+        _, info_l = samfast.hessian_eigenvalues(model, F.cross_entropy, batches, k=k,
+                                                max_iter=120, tol=1e-12, return_info=True)
+        lanczos = first_within(info_l.history, truth[:k], 1e-3)
+        # Power iteration with deflation, run with PyHessian-like stopping (1e-4 change);
+        # its HVPs to 1e-3 are counted from its own iterate history, eigenvalue by eigenvalue.
+        values, _, info_p = samfast.hessian_eigenvalues(
+            model, F.cross_entropy, batches, k=k, method="power", max_iter=300, tol=1e-4,
+            return_eigenvectors=True, return_info=True)
+        error = float(((values - truth[:k]).abs() / truth[:k].abs()).max())
+        rows.append([k, lanczos, info_p.hvps, f"{error:.1e}",
+                     f"{info_p.hvps / lanczos:.1f}x" if lanczos else "n/a"])
+        raw[f"k{k}"] = {"lanczos_history": info_l.history, "power_history": info_p.history,
+                        "power_values": values.tolist()}
+    table = markdown_table(["k", "Lanczos HVPs to 1e-3", "power-iteration HVPs (stop at 1e-4 "
+                            "change)", "power max rel. error", "power / Lanczos"], rows)
+
+    op = _HessianOperator(model, F.cross_entropy, batches)
+    v = torch.randn(op.numel, dtype=torch.float64)
+    params = op.params
+
+    def fwd_bwd():
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y) * len(y) / op.total
+            torch.autograd.grad(loss, params)
+    model.eval()
+    hvp_t, fb_t = [], []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        op(v)
+        hvp_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fwd_bwd()
+        fb_t.append(time.perf_counter() - t0)
+    ratio = median(hvp_t) / median(fb_t)
+    text = (f"{args.model} ({op.numel} params) trained {args.train_epochs} epochs on the "
+            f"embedded CIFAR-10 subset; Hessian of the mean cross-entropy on {args.samples} "
+            f"training images, BatchNorm in eval mode. Converged top-5: "
+            f"{', '.join(f'{t:.4g}' for t in truth.tolist())}\n\n{table}\n\n"
+            f"one HVP: {median(hvp_t) * 1e3:.1f} ms, one forward+backward: "
+            f"{median(fb_t) * 1e3:.1f} ms, ratio {ratio:.2f} (median of 7, interleaved)")
+    print(text)
+    raw.update(hvp_s=hvp_t, fwd_bwd_s=fb_t)
+    if args.save:
+        print("wrote", write_results("sharpness", env, text, raw, None))
+
+
+if __name__ == "__main__":
+    main()

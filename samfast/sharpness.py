@@ -1,0 +1,269 @@
+r"""Sharpness: top Hessian eigenvalues (Lanczos, power iteration) and the Hessian trace.
+
+The loss whose Hessian is taken is the sample-weighted mean of ``loss_fn(model(x), y)`` over
+all batches of ``data``:  L(w) = sum_b (n_b / N) * loss_fn(model(x_b), y_b)  (``loss_fn``
+returns a batch mean; batches of unequal size weigh by their size). The parameters are those
+with ``requires_grad``.
+
+Hessian-vector products are double-backward products accumulated over the batches, in the
+model's dtype:  H v = d/dw < dL/dw , v >.  The Lanczos bookkeeping (basis, tridiagonal matrix,
+Ritz values) is float64 with full reorthogonalization, so a run of m iterations returns the
+extreme eigenvalues of H restricted to the m-dimensional Krylov space; memory is that basis,
+m x num_params float64 numbers (``basis_device="cpu"`` keeps it off the GPU).
+
+The model is left exactly as it was: its train/eval mode (per module), its ``.grad``s (the
+products use ``torch.autograd.grad``) and its BatchNorm buffers. BatchNorm runs in eval mode
+by default (the running statistics define the function being measured); ``bn_mode="train"``
+uses batch statistics as the paper's released code does, and restores the buffers it moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SharpnessInfo:
+    """How a run went: Hessian-vector products used, and the Ritz values per iteration."""
+
+    method: str
+    hvps: int = 0
+    iterations: int = 0
+    converged: bool = False
+    history: list = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _measurement_mode(model: nn.Module, bn_mode: str):
+    """Eval (or train) mode inside; every module's mode and every buffer restored after."""
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"Invalid bn_mode: {bn_mode!r} (choose 'eval' or 'train')")
+    modes = {m: m.training for m in model.modules()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.train(bn_mode == "train")
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+        for m, training in modes.items():
+            m.training = training
+
+
+class _HessianOperator:
+    """v -> H v over all of ``data`` for the trainable params of ``model``, flat float64."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data, device=None) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("Invalid model: it has no parameter with requires_grad")
+        self.batches = list(data)
+        if not self.batches:
+            raise ValueError("Invalid data: no batches")
+        self.total = sum(len(y) for _, y in self.batches)
+        self.numel = sum(p.numel() for p in self.params)
+        self.device = device or self.params[0].device
+        self.calls = 0
+
+    def _split(self, flat: Tensor) -> list[Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype))
+            offset += p.numel()
+        return out
+
+    def __call__(self, flat_v: Tensor) -> Tensor:
+        self.calls += 1
+        v = self._split(flat_v)
+        acc = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        for x, y in self.batches:
+            with torch.enable_grad():
+                loss = self.loss_fn(self.model(x), y) * (len(y) / self.total)
+                grads = torch.autograd.grad(loss, self.params, create_graph=True)
+                dot = sum((g * vi).sum() for g, vi in zip(grads, v))
+                hv = torch.autograd.grad(dot, self.params)
+            for a, h in zip(acc, hv):
+                a += h.double()
+        return torch.cat([a.reshape(-1) for a in acc]).to(flat_v.device)
+
+    def flat_params(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1).double() for p in self.params])
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        return [t.detach().clone() for t in self._split(flat)]
+
+
+def _start_vector(n: int, seed: int, device) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    return v / v.norm()
+
+
+def _lanczos(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int, basis_device,
+             want_vectors: bool):
+    n = op.numel
+    max_iter = min(max_iter, n)
+    info = SharpnessInfo("lanczos")
+    dev = torch.device(basis_device) if basis_device is not None else op.device
+    basis = [_start_vector(n, seed, dev)]
+    alphas: list[float] = []
+    betas: list[float] = []
+    previous = None
+    ritz = evecs = None
+    for j in range(max_iter):
+        w = op(basis[j].to(op.device)).to(dev)
+        alpha = float(w @ basis[j])
+        alphas.append(alpha)
+        w -= alpha * basis[j]
+        if j > 0:
+            w -= betas[-1] * basis[j - 1]
+        V = torch.stack(basis)
+        for _ in range(2):  # full reorthogonalization, twice is enough ("twice is enough")
+            w -= V.T @ (V @ w)
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        ritz, evecs = torch.linalg.eigh(t)
+        top = ritz.flip(0)[:k]
+        info.history.append(top.tolist())
+        info.iterations = j + 1
+        if previous is not None and len(top) == k and len(previous) == k:
+            change = ((top - previous).abs() / top.abs().clamp_min(1e-30)).max()
+            if float(change) < tol:
+                info.converged = True
+                break
+        previous = top
+        beta = float(w.norm())
+        scale = max(abs(a) for a in alphas) or 1.0
+        if beta <= 1e-12 * scale * math.sqrt(n):  # invariant subspace: T is exact
+            info.converged = True
+            break
+        if j + 1 < max_iter:
+            betas.append(beta)
+            basis.append(w / beta)
+    info.hvps = op.calls
+    order = torch.argsort(ritz, descending=True)[:k]
+    values = ritz[order].cpu()
+    vectors = None
+    if want_vectors:
+        V = torch.stack(basis[:len(alphas)])
+        vectors = [(V.T @ evecs[:, i].to(V.device)) for i in order]
+    return values, vectors, info
+
+
+def _power(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int):
+    """PyHessian's method: power iteration per eigenvalue, deflated by Gram-Schmidt against
+    the eigenvectors already found. Converges to the eigenvalues of largest *magnitude*."""
+    info = SharpnessInfo("power")
+    found: list[Tensor] = []
+    values: list[float] = []
+    for i in range(k):
+        v = _start_vector(op.numel, seed + i, op.device)
+        eig = None
+        for _ in range(max_iter):
+            for u in found:
+                v = v - (v @ u) * u
+            v = v / v.norm()
+            hv = op(v)
+            new = float(hv @ v)
+            info.history.append(new)
+            if eig is not None and abs(new - eig) / max(abs(new), 1e-30) < tol:
+                eig = new
+                info.converged = True
+                break
+            eig = new
+            v = hv
+        for u in found:
+            v = v - (v @ u) * u
+        found.append(v / v.norm())
+        values.append(eig)
+        info.iterations += 1
+    info.hvps = op.calls
+    order = sorted(range(k), key=lambda i: -values[i])
+    return (torch.tensor([values[i] for i in order], dtype=torch.float64),
+            [found[i] for i in order], info)
+
+
+def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
+                        method: str = "lanczos", max_iter: int = 100, tol: float = 1e-4,
+                        seed: int = 0, return_eigenvectors: bool | str = False,
+                        bn_mode: str = "eval", basis_device=None, return_info: bool = False):
+    """The ``k`` algebraically largest eigenvalues of the Hessian of the loss over ``data``,
+    largest first, as a float64 CPU tensor.
+
+    Args:
+        method: "lanczos" (default) or "power" (power iteration with deflation, as PyHessian;
+            it finds the largest-magnitude eigenvalues, which differ when H has large negative
+            ones).
+        max_iter: Lanczos iterations (each one Hessian-vector product), or power iterations
+            per eigenvalue.
+        tol: stop when the top-k values change by less than ``tol`` (relative) per iteration.
+        return_eigenvectors: False, True / "flat" (flat float64 vectors), or "params"
+            (per-parameter tensors in the params' dtype).
+        bn_mode: "eval" (default) or "train" (batch statistics; buffers are restored).
+        basis_device: where the Lanczos basis lives (e.g. "cpu" for big models on a GPU).
+        return_info: also return a :class:`SharpnessInfo` (iterations, products used).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid k: {k!r} (must be an int >= 1)")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"Invalid method: {method!r} (choose 'lanczos' or 'power')")
+    if max_iter < 1:
+        raise ValueError(f"Invalid max_iter: {max_iter} (must be >= 1)")
+    if not tol > 0:
+        raise ValueError(f"Invalid tol: {tol} (must be > 0)")
+    if return_eigenvectors not in (False, True, "flat", "params"):
+        raise ValueError(f"Invalid return_eigenvectors: {return_eigenvectors!r}")
+    with _measurement_mode(model, bn_mode):
+        op = _HessianOperator(model, loss_fn, data)
+        if k > op.numel:
+            raise ValueError(f"Invalid k: {k} > {op.numel} parameters")
+        if method == "lanczos":
+            values, vectors, info = _lanczos(op, k, max(max_iter, k), tol, seed, basis_device,
+                                             bool(return_eigenvectors))
+        else:
+            values, vectors, info = _power(op, k, max_iter, tol, seed)
+    result = [values]
+    if return_eigenvectors:
+        if return_eigenvectors == "params":
+            vectors = [op.unflatten(v) for v in vectors]
+        else:
+            vectors = [v.cpu() for v in vectors]
+        result.append(vectors)
+    if return_info:
+        result.append(info)
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_samples: int = 64,
+                  seed: int = 0, bn_mode: str = "eval", return_std: bool = False):
+    """Hutchinson's estimate of tr(H): the mean of v^T H v over ``n_samples`` Rademacher
+    vectors v (unbiased; with ``return_std`` also the standard error of the mean)."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"Invalid n_samples: {n_samples!r} (must be an int >= 1)")
+    gen = torch.Generator().manual_seed(seed)
+    with _measurement_mode(model, bn_mode):
+        op = _HessianOperator(model, loss_fn, data)
+        samples = []
+        for _ in range(n_samples):
+            v = (torch.randint(0, 2, (op.numel,), generator=gen, dtype=torch.float64) * 2 - 1)
+            v = v.to(op.device)
+            samples.append(float(op(v) @ v))
+    mean = sum(samples) / n_samples
+    if not return_std:
+        return mean
+    var = sum((s - mean) ** 2 for s in samples) / max(n_samples - 1, 1)
+    return mean, math.sqrt(var / n_samples)
