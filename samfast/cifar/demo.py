@@ -3,7 +3,9 @@
 Trains the small CNN twice on the embedded CIFAR-10 subset (2,500 training and 500 test images
 of the real data set, stratified; see scripts/make_demo_subset.py): plain SGD for all epochs,
 and SGD switched to SAM for the last quarter of the epochs (Zhou et al., ICLR 2025). Same
-seed, same data order, same schedule otherwise. Prints a comparison table and writes
+seed, same data order, same schedule otherwise. Prints a comparison table (test accuracy
+and loss, sharpness = top Hessian eigenvalue of the training loss on 512 training images,
+training time) and writes
 ``OUT/comparison.png`` next to each run's own outputs.
 
 The embedded subset is for this demo only: ``samfast-train`` reads real data from
@@ -25,7 +27,10 @@ DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 def demo_runs(epochs: int, sam_start: int) -> dict[str, list[str]]:
     common = ["--data-dir", str(DEMO_DATA), "--model", "small_cnn", "--epochs", str(epochs),
               "--batch-size", "128", "--lr", "0.05", "--lr-schedule", "cosine",
-              "--weight-decay", "5e-4", "--seed", "0", "--quiet"]
+              "--weight-decay", "5e-4", "--seed", "0", "--quiet",
+              # sharpness = top Hessian eigenvalue of the training loss, at the end only
+              "--sharpness-every", str(epochs), "--sharpness-samples", "512",
+              "--sharpness-iters", "20"]
     return {"SGD": common + ["--optimizer", "sgd"],
             f"SGD -> SAM (last {epochs - sam_start} epochs)":
                 common + ["--optimizer", "sam", "--rho", "0.05", "--sam-start", str(sam_start)]}
@@ -80,9 +85,10 @@ def main(argv=None) -> int:
         histories[name] = [json.loads(line) for line in
                            (out / f"run{i}" / "metrics.jsonl").read_text().splitlines()]
     rows = [f"| {name} | {r['sam_epochs']}/{r['epochs']} | {r['test_acc']:.1f} | "
-            f"{r['test_loss']:.3f} | {r['train_time_s']:.1f} |" for name, r in results.items()]
-    table = "\n".join(["| run | SAM epochs | test acc (%) | test loss | train time (s) |",
-                       "|---|---|---|---|---|", *rows])
+            f"{r['test_loss']:.3f} | {r['sharpness']:.2f} | {r['train_time_s']:.1f} |"
+            for name, r in results.items()]
+    table = "\n".join(["| run | SAM epochs | test acc (%) | test loss | sharpness (top "
+                       "Hessian eigenvalue) | train time (s) |", "|---|---|---|---|---|---|", *rows])
     print(table)
     (out / "comparison.md").write_text(table + "\n")
     plot(out / "comparison.png", results, histories)
