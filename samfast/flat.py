@@ -141,10 +141,11 @@ class FlatBucket:
                 mask.append(False)
             else:
                 if not self._warned_copy:
-                    warnings.warn("samfast: a .grad was replaced (e.g. model.zero_grad() sets it "
-                                  "to None); copying gradients into the flat buffer, which is "
-                                  "slower. Use opt.zero_grad() to keep the fast path.",
-                                  stacklevel=4)
+                    warnings.warn("samfast: a .grad was replaced (model.zero_grad() sets it to "
+                                  "None; DDP(gradient_as_bucket_view=True) points it into DDP's "
+                                  "buckets): copying gradients into the flat buffer, which is "
+                                  "slower. Use opt.zero_grad() and DDP's default to keep the "
+                                  "fast path.", stacklevel=4)
                     self._warned_copy = True
                 if g.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")

@@ -1,0 +1,222 @@
+"""End-to-end training-step cost of SAM vs SGD, for samfast and for the SAM people use today.
+
+For each CIFAR model, on a fixed real-shaped batch (random pixels, batch 128 by default), the
+median time of one full training step, interleaved in one run:
+
+  * SGD: forward + backward + torch.optim.SGD step (momentum 0.9, nesterov, wd 5e-4),
+  * samfast SAM with each available backend (two forward/backward passes + the fused step),
+  * LoopSAM: the per-tensor loop of davda54/sam; ForeachSAM: the same with torch._foreach,
+
+each with the second pass leaving BatchNorm statistics alone. Reported: median ms, the
+SAM / SGD ratio per implementation (two passes: the physical floor is 2.0), peak memory (CUDA:
+max_memory_allocated per implementation; CPU: optimizer-state bytes), and a whole-run cost
+model: 200 epochs of 391 steps (50k images / 128) for SGD, full SAM and SGD -> SAM switched at
+50 / 75 / 87.5 / 95 % of the epochs, from the measured step times.
+
+    python bench/bench_train_step.py [--models resnet20 wrn16_8] [--amp bf16] [--compile]
+                                     [--batch-size 128] [--cuda-graph] [--save]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import samfast  # noqa: E402
+from baselines import ForeachSAM, LoopSAM  # noqa: E402
+from common import (environment, markdown_table, median, time_interleaved,  # noqa: E402
+                    write_results)
+from samfast.cifar.models import build_model  # noqa: E402
+
+SGD = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+STEPS_PER_EPOCH = 391  # ceil(50_000 / 128)
+SWITCHES = (0.5, 0.75, 0.875, 0.95)
+
+
+def _state_bytes(opt) -> int:
+    """Bytes of optimizer-held tensors: momentum buffers, plus SAM's saved weights."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    base = getattr(opt, "base_optimizer", opt)
+    for st in base.state.values():
+        for v in st.values():
+            add(v)
+    if isinstance(opt, samfast.SAM) and hasattr(opt._backend, "buckets"):
+        for b in opt._backend.buckets:
+            add(b.backup)
+    if isinstance(opt, LoopSAM):
+        for t in getattr(opt, "old_p", {}).values():
+            add(t)
+        for t in getattr(opt, "old", []):
+            add(t)
+    return total
+
+
+def implementations(name: str, device: torch.device, x, y, amp: str, compile_model: bool):
+    """name -> (step function, optimizer), each on its own copy of the model."""
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" \
+        else contextlib.nullcontext
+    impls = {}
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(name).to(device)
+        return model, (torch.compile(model) if compile_model else model)
+
+    def loss_of(fwd):
+        with ctx():
+            return F.cross_entropy(fwd(x).float(), y)
+
+    model, fwd = fresh()
+    sgd = torch.optim.SGD(model.parameters(), **SGD)
+
+    def sgd_step(model=model, fwd=fwd, opt=sgd):
+        opt.zero_grad()
+        loss_of(fwd).backward()
+        opt.step()
+    impls["SGD"] = (sgd_step, sgd)
+    for backend in samfast.available_backends(device):
+        if backend == "triton" and device.type == "cpu":
+            continue  # the interpreter is for tests
+        model, fwd = fresh()
+        opt = samfast.SAM(model.parameters(), backend=backend, **SGD)
+
+        def sam_step(model=model, fwd=fwd, opt=opt):
+            def closure():
+                opt.zero_grad()
+                with samfast.running_stats_disabled(model, enabled=opt.perturbed):
+                    loss = loss_of(fwd)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        impls[f"samfast SAM [{backend}]"] = (sam_step, opt)
+    for label, cls in (("loop SAM (davda54)", LoopSAM), ("foreach SAM", ForeachSAM)):
+        model, fwd = fresh()
+        opt = cls(model.parameters(), **SGD)
+
+        def base_step(model=model, fwd=fwd, opt=opt):
+            for p in model.parameters():
+                p.grad = None
+            loss_of(fwd).backward()
+            opt.first_step()
+            for p in model.parameters():
+                p.grad = None
+            samfast.disable_running_stats(model)
+            loss_of(fwd).backward()
+            samfast.enable_running_stats(model)
+            opt.second_step()
+        impls[label] = (base_step, opt)
+    return impls
+
+
+def cuda_graph_step(name, device, x, y):
+    """The whole samfast SAM step (two passes + the fused update) captured in a CUDA graph."""
+    torch.manual_seed(0)
+    model = build_model(name).to(device)
+    opt = samfast.SAM(model.parameters(), backend="native", **SGD)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step()
+        opt.zero_grad()
+        with samfast.running_stats_disabled(model):
+            F.cross_entropy(model(x), y).backward()
+        opt.second_step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--amp", choices=("none", "bf16"), default="none")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    models = args.models or (["resnet20", "wrn16_8"] if device.type == "cpu" else
+                             ["resnet20", "wrn16_8", "wrn28_10", "resnet18", "vgg16_bn"])
+    rounds = args.rounds or (5 if device.type == "cpu" else 20)
+    env = environment(device)
+    print(", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    sections, raw = [], {}
+    for name in models:
+        x = torch.rand(args.batch_size, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (args.batch_size,), device=device)
+        impls = implementations(name, device, x, y, args.amp, args.compile)
+        fns = {k: fn for k, (fn, _) in impls.items()}
+        if args.cuda_graph and device.type == "cuda":
+            fns["samfast SAM [native], CUDA graph"] = cuda_graph_step(name, device, x, y)
+        peaks = {}
+        if device.type == "cuda":
+            for k, fn in fns.items():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
+                peaks[k] = torch.cuda.max_memory_allocated() / 2 ** 20
+        samples = time_interleaved(fns, device, rounds=rounds, warmup=2, cold=False)
+        raw[name] = samples
+        sgd = median(samples["SGD"])
+        rows = []
+        for k, s in samples.items():
+            opt = impls[k][1] if k in impls else None
+            mem = (f"{peaks[k]:.0f} MiB peak" if device.type == "cuda"
+                   else f"{_state_bytes(opt) / 2 ** 20:.1f} MiB state" if opt is not None else "")
+            rows.append([k, median(s) * 1e3, median(s) / sgd, mem])
+        table = markdown_table(["implementation", "median ms / step", "x SGD step", "memory"],
+                               rows)
+        sam_key = min((k for k in samples if k.startswith("samfast SAM [")),
+                      key=lambda k: median(samples[k]))
+        sam = median(samples[sam_key])
+        epoch_sgd, epoch_sam = sgd * STEPS_PER_EPOCH, sam * STEPS_PER_EPOCH
+        cost_rows = [["SGD", 200 * epoch_sgd / 3600, 1.0], ["full SAM", 200 * epoch_sam / 3600,
+                                                           epoch_sam / epoch_sgd]]
+        for f in SWITCHES:
+            sam_epochs = round(200 * (1 - f))
+            hours = ((200 - sam_epochs) * epoch_sgd + sam_epochs * epoch_sam) / 3600
+            cost_rows.append([f"SGD -> SAM at {f:.1%} ({sam_epochs} SAM epochs)", hours,
+                              hours * 3600 / (200 * epoch_sgd)])
+        cost = markdown_table(["200-epoch run (391 steps/epoch)", "predicted hours",
+                               "x SGD run"], cost_rows)
+        n = sum(p.numel() for p in build_model(name).parameters())
+        title = (f"## {name} ({n / 1e6:.2f} M params), batch {args.batch_size}, "
+                 f"{'bf16 autocast' if args.amp == 'bf16' else 'fp32'}"
+                 f"{', torch.compile' if args.compile else ''}")
+        section = f"{title}\n\n{table}\n\nWhole-run cost model ({sam_key}):\n\n{cost}"
+        sections.append(section)
+        print(f"\n{section}", flush=True)
+    if args.save:
+        stem = "train_step" + ("-bf16" if args.amp == "bf16" else "") + \
+            ("-compile" if args.compile else "")
+        print("wrote", write_results(stem, env, "\n\n".join(sections), raw, None))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""SAM under torch.distributed / DistributedDataParallel, with the ascent made explicit.
+
+Two semantics for the ascent (first) pass of a SAM step on R replicas, each with its shard of
+the global batch:
+
+* ``"global"`` — the ascent gradient is all-reduced like any other (DDP averages it), so every
+  replica perturbs with the same gradient and the same N: identical to single-process SAM on
+  the concatenated batch.
+* ``"local"`` — m-sharpness (Foret et al.; what the original JAX code does): each replica
+  perturbs with its own shard's gradient and its own N; the forward and backward of the ascent
+  pass run under ``model.no_sync()`` (no all-reduce at all), and only the descent gradient is
+  all-reduced. The replicas' weights stay identical: each restores the same pre-ascent weights
+  bit-exactly and applies the same averaged descent gradient.
+
+In both modes the SGD phase of a switch schedule costs one pass and one all-reduce, like plain
+DDP training. Skip decisions are the same on every replica: in ``"local"`` mode the
+finiteness of the local ascent gradients is agreed by an all-reduce first (one scalar), so a
+replica that saw an inf does not skip alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .bn import running_stats_disabled
+from .sam import SAM
+
+ASCENTS = ("global", "local")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _local_grads_finite(optimizer: SAM, device: torch.device) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    finite = torch.ones((), device=device)
+    if grads:
+        maxes = torch._foreach_norm(grads, float("inf"))
+        finite = torch.stack([m.to(device) for m in maxes]).isfinite().all().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def sam_step(model: nn.Module, optimizer: SAM, loss_fn: Callable[[], Tensor],
+             ascent: str = "global") -> Tensor:
+    """One training step with or without DDP, following ``optimizer.sam_enabled``.
+
+    ``loss_fn()`` runs the forward pass and returns the loss (no ``zero_grad``, no backward:
+    this function does those). Returns the first-pass loss, detached. The second pass leaves
+    BatchNorm running statistics alone.
+    """
+    if ascent not in ASCENTS:
+        raise ValueError(f"Invalid ascent: {ascent!r} (choose from {', '.join(ASCENTS)})")
+    ddp = isinstance(model, DistributedDataParallel)
+    optimizer.zero_grad()
+    if not optimizer.sam_enabled:
+        loss = loss_fn()
+        loss.backward()
+        optimizer.base_step()
+        return loss.detach()
+    local = ddp and ascent == "local"
+    with model.no_sync() if local else contextlib.nullcontext():
+        loss = loss_fn()
+        loss.backward()
+    device = next(unwrap(model).parameters()).device
+    if local and not _local_grads_finite(optimizer, device):
+        optimizer.zero_grad()
+        optimizer._count_skip(True)
+        return loss.detach()
+    optimizer.first_step(zero_grad=True)
+    with running_stats_disabled(unwrap(model), enabled=optimizer.perturbed):
+        loss2 = loss_fn()
+    loss2.backward()
+    optimizer.second_step(zero_grad=True)
+    return loss.detach()

@@ -1,0 +1,163 @@
+"""SAM under DDP with real processes: 2 ranks, gloo on CPU, spawned by the test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import samfast
+from samfast.distributed import sam_step
+
+WORLD = 2
+STEPS = 20
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+
+
+def full_batch(step: int):
+    gen = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(8 * WORLD, 6, generator=gen, dtype=torch.float64),
+            torch.randint(0, 4, (8 * WORLD,), generator=gen))
+
+
+def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t.chunk(WORLD)[rank]
+
+
+def make_opt(model, backend):
+    return samfast.SAM(model.parameters(), backend=backend, rho=0.1, lr=0.05, momentum=0.9)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out, ascent, backend, schedule_start):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = make_model()
+        ddp = DDP(model)
+        opt = make_opt(model, backend)
+        schedule = samfast.SwitchSchedule(STEPS, sam_start=schedule_start)
+        with warnings.catch_warnings():
+            # DDP (default gradient_as_bucket_view=False) must write its averaged gradients
+            # into the flat buffers' views: no silent copy on every step.
+            warnings.filterwarnings("error", message=".*copying gradients.*")
+            for step in range(STEPS):
+                schedule.apply(opt, step)  # per-step phases: SGD first, then SAM
+                x, y = full_batch(step)
+                xs, ys = shard(x, rank), shard(y, rank)
+                sam_step(ddp, opt, lambda: F.cross_entropy(ddp(xs), ys), ascent=ascent)
+        if backend != "reference":
+            flat = opt._backend.buckets[0].grad.untyped_storage().data_ptr()
+            assert all(p.grad.untyped_storage().data_ptr() == flat for p in model.parameters())
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+                   os.path.join(out, f"rank{rank}.pt"))
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()},
+                       os.path.join(out, "ckpt.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(tmp_path, ascent, backend="reference", schedule_start=0):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), ascent, backend, schedule_start),
+             nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+BACKENDS = [b for b in samfast.available_backends("cpu") if b != "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_ascent_equals_single_process_sam_on_the_full_batch(tmp_path, backend):
+    ranks = run_ddp(tmp_path, "global", backend)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # bitwise across ranks
+    model = make_model()
+    opt = make_opt(model, backend)
+    for step in range(STEPS):
+        x, y = full_batch(step)
+        sam_step(model, opt, lambda: F.cross_entropy(model(x), y))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-10, atol=1e-12)
+
+
+def test_local_ascent_equals_hand_computed_m_sharpness(tmp_path):
+    ranks = run_ddp(tmp_path, "local")
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    # m-sharpness by hand: each shard perturbs with its own normalized gradient; the descent
+    # gradient is the average of the shards' gradients at their own perturbed points.
+    model = make_model()
+    params = list(model.parameters())
+    momentum = [None] * len(params)
+    for step in range(STEPS):
+        x, y = full_batch(step)
+        descent = [torch.zeros_like(p) for p in params]
+        for r in range(WORLD):
+            xs, ys = shard(x, r), shard(y, r)
+            g = torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            with torch.no_grad():
+                saved = [p.clone() for p in params]
+                for p, gi in zip(params, g):
+                    p.add_(0.1 * gi / (norm + 1e-12))
+            g2 = torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+            for d, gi in zip(descent, g2):
+                d += gi / WORLD
+        with torch.no_grad():
+            for i, (p, d) in enumerate(zip(params, descent)):
+                momentum[i] = d.clone() if momentum[i] is None else 0.9 * momentum[i] + d
+                p.sub_(0.05 * momentum[i])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-10, atol=1e-12)
+
+
+def test_switch_schedule_under_ddp_and_resume_from_rank0_checkpoint(tmp_path):
+    """SGD for 12 steps then SAM (global), checkpoint written by rank 0 only; a fresh
+    optimizer loads it and matches the ranks' state."""
+    ranks = run_ddp(tmp_path, "global", schedule_start=12)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    model = make_model()
+    opt = make_opt(model, "reference")
+    schedule = samfast.SwitchSchedule(STEPS, sam_start=12)
+    for step in range(STEPS):
+        schedule.apply(opt, step)
+        x, y = full_batch(step)
+        sam_step(model, opt, lambda: F.cross_entropy(model(x), y))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-10, atol=1e-12)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh = make_model()
+    fresh.load_state_dict(ckpt["model"])
+    opt2 = make_opt(fresh, "reference")
+    opt2.load_state_dict(ckpt["opt"])
+    for p, q in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"]):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"],
+                                   opt2.state[q]["momentum_buffer"], rtol=1e-10, atol=1e-12)
+
+
+def test_sam_step_validates_ascent():
+    model = make_model()
+    with pytest.raises(ValueError, match="ascent"):
+        sam_step(model, make_opt(model, "reference"), lambda: model(torch.zeros(1, 6)).sum(),
+                 ascent="both")
