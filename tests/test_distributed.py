@@ -161,3 +161,38 @@ def test_sam_step_validates_ascent():
     with pytest.raises(ValueError, match="ascent"):
         sam_step(model, make_opt(model, "reference"), lambda: model(torch.zeros(1, 6)).sum(),
                  ascent="both")
+
+
+def test_torchrun_end_to_end_writes_one_summary(tmp_path):
+    """2 processes under torchrun, 1 epoch on a small subset of the embedded real CIFAR-10."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from samfast.cifar.demo import DEMO_DATA
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or \
+        shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    out = tmp_path / "run"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "samfast.cifar.train",
+           "--data-dir", str(DEMO_DATA), "--train-subset", "200", "--test-subset", "100",
+           "--batch-size", "50", "--epochs", "2", "--sam-start", "1", "--ddp-ascent", "local",
+           "--out", str(out), "--quiet", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sam_epochs"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert proc.stdout.count('"test_acc"') == 1  # rank 0 alone reports
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "last.pt", "metrics.jsonl",
+                                                     "summary.json"]
+    # both ranks resume from rank 0's checkpoint (finished: nothing left to train)
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("resuming") == 1
+    assert json.loads((out / "summary.json").read_text())["test_acc"] == summary["test_acc"]

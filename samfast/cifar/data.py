@@ -167,12 +167,18 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def train_batches(split: Split, batch_size: int, gen: torch.Generator, cutout: int = 0,
-                  drop_last: bool = False):
-    """Shuffled, augmented (x float in [0, 1], y) batches of one epoch."""
-    order = torch.randperm(len(split), generator=gen).to(split.x.device)
+                  drop_last: bool = False, rank: int = 0, world: int = 1,
+                  order_generator: torch.Generator | None = None):
+    """Shuffled, augmented (x float in [0, 1], y) batches of one epoch.
+
+    With ``world`` > 1, every rank walks the same global batches (the order comes from
+    ``order_generator``, the same on every rank) and takes the slice ``rank::world`` of each:
+    the device-resident data are sharded without a sampler. ``gen`` draws the augmentation.
+    """
+    order = torch.randperm(len(split), generator=order_generator or gen).to(split.x.device)
     stop = len(split) - (len(split) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start:start + batch_size][rank::world]
         x = augment(split.x[idx], gen, cutout)
         yield x.float().div_(255), split.y[idx]
 

@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import samfast
+from samfast.distributed import sam_step
 from samfast.cifar.data import (NUM_CLASSES, DataError, epoch_generator, eval_batches,
                                 find_data_dir, load_cifar, stratified_subset, train_batches)
 from samfast.cifar.models import MODELS, build_model
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SAM only before this epoch (SAM -> SGD); default: until the end")
     s.add_argument("--reset-momentum", action="store_true",
                    help="clear the momentum buffers when SAM switches on or off")
+    s.add_argument("--ddp-ascent", choices=("global", "local"), default="global",
+                   help="under torchrun: all-reduce the ascent gradient (global) or perturb "
+                        "each replica with its own (local, m-sharpness)")
     s.add_argument("--backend", default="auto", help="samfast backend (auto, reference, native, "
                                                      "triton)")
     h = p.add_argument_group("sharpness (top Hessian eigenvalue of the training loss)")
@@ -283,39 +289,45 @@ def _sync(device: torch.device) -> None:
 # =============================================================================================
 
 def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=None,
-                perturb_inputs=None):
-    """One epoch; returns (mean train loss, train accuracy %, seconds, images)."""
+                perturb_inputs=None, step_model=None, rank=0, world=1):
+    """One epoch; returns (mean train loss, train accuracy %, seconds, images), over all
+    ranks. ``model`` runs the forward (maybe compiled); ``step_model`` (the DDP wrapper, or
+    the model) decides the SAM step's all-reduce semantics (samfast.distributed.sam_step)."""
     model.train()
+    step_model = step_model if step_model is not None else model
     gen = epoch_generator(cfg["seed"], epoch)
+    if world > 1:  # same global batches on every rank, a different shard and augmentation
+        gen = torch.Generator().manual_seed(gen.initial_seed() * world + rank)
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    seen = torch.zeros((), device=device, dtype=torch.long)
     _sync(device)
     t0 = time.perf_counter()
-    for x, y in train_batches(train, cfg["batch_size"], gen, cfg["cutout"]):
+    order_gen = epoch_generator(cfg["seed"], epoch) if world > 1 else None
+    for x, y in train_batches(train, cfg["batch_size"], gen, cfg["cutout"], rank=rank,
+                              world=world, order_generator=order_gen):
         if cfg["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         if perturb_inputs is not None:
             x = perturb_inputs(model, x, y)
         first_logits = []
 
-        def closure():
-            opt.zero_grad()
-            with samfast.running_stats_disabled(model, enabled=opt.perturbed), \
-                    autocast(cfg, device):
+        def loss_fn():
+            with autocast(cfg, device):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
             if not first_logits:
                 first_logits.append(logits.detach())
-            (scaler.scale(loss) if scaler is not None else loss).backward()
             return loss
 
         if scaler is not None:  # fp16 AMP: SGD only (validated)
-            loss = closure()
+            opt.zero_grad()
+            loss = loss_fn()
+            scaler.scale(loss).backward()
             scaler.step(opt.base_optimizer)
             scaler.update()
         else:
-            loss = opt.step(closure)
+            loss = sam_step(step_model, opt, loss_fn, ascent=cfg["ddp_ascent"])
         total_loss += loss.detach() * len(y)
         correct += (first_logits[0].argmax(1) == y).sum()
         seen += len(y)
@@ -323,12 +335,17 @@ def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=Non
             progress.update(1)
             if progress.n % 10 == 0 or progress.n == progress.total:
                 elapsed = time.perf_counter() - t0
-                progress.set_postfix(loss=f"{float(total_loss) / seen:.3f}",
-                                     acc=f"{100 * float(correct) / seen:.1f}",
-                                     img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+                progress.set_postfix(loss=f"{float(total_loss) / float(seen):.3f}",
+                                     acc=f"{100 * float(correct) / float(seen):.1f}",
+                                     img_s=f"{world * float(seen) / max(elapsed, 1e-9):.0f}")
+    if world > 1:
+        totals = torch.stack([total_loss.double(), correct.double(), seen.double()])
+        dist.all_reduce(totals)
+        total_loss, correct, seen = totals
     _sync(device)
     seconds = time.perf_counter() - t0
-    return float(total_loss) / seen, 100.0 * float(correct) / seen, seconds, seen
+    n = float(seen)
+    return float(total_loss) / n, 100.0 * float(correct) / n, seconds, int(n)
 
 
 # =============================================================================================
@@ -426,6 +443,7 @@ def save_checkpoint(path: Path, cfg, model, opt, lr_sched, next_epoch, history, 
 
 # Settings that must match for --resume to continue the same run.
 _RESUME_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                "ddp_ascent",
                 "nesterov", "lr_schedule", "label_smoothing", "cutout", "optimizer", "rho",
                 "eta", "sam_start", "sam_end", "reset_momentum", "seed", "train_subset", "amp",
                 "adv_start", "adv_end", "adv_eps", "adv_alpha", "adv_steps", "adv_norm")
@@ -496,11 +514,30 @@ def plot_curves(path: Path, history: list[dict], schedule: samfast.SwitchSchedul
 # main
 # =============================================================================================
 
-def run(cfg: dict) -> dict:
-    """Train as configured; returns the summary (also written to OUT/summary.json)."""
+def init_distributed(cfg: dict) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process group, NCCL
+    on CUDA (one GPU per local rank), gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(cfg["device"])
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def run(cfg: dict) -> dict:
+    """Train as configured; returns the summary (also written to OUT/summary.json). Under
+    torchrun every rank trains its shard of each batch; rank 0 alone evaluates, logs and
+    writes checkpoints (the others wait for it at the next all-reduce)."""
+    rank, world, device = init_distributed(cfg)
+    lead = rank == 0
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     setup_determinism(cfg)
     train, test = load_data(cfg, device)
     model = build_model(cfg["model"], NUM_CLASSES[cfg["dataset"]], cfg["dataset"]).to(device)
@@ -510,10 +547,13 @@ def run(cfg: dict) -> dict:
     schedule = make_schedule(cfg)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg["lr_schedule"], cfg["epochs"]))
     scaler = torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None
-    forward_model = torch.compile(model) if cfg["compile"] else model
+    step_model = DistributedDataParallel(model) if world > 1 else model
+    forward_model = torch.compile(step_model) if cfg["compile"] else step_model
 
     start_epoch, history, wall_before = 0, [], 0.0
     ckpt_path = out / "last.pt"
+    if world > 1:
+        dist.barrier()  # rank 0 made the output folder
     if cfg["resume"] and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, cfg)
         model.load_state_dict(ckpt["model"])
@@ -521,8 +561,9 @@ def run(cfg: dict) -> dict:
         lr_sched.load_state_dict(ckpt["lr_scheduler"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch, history, wall_before = ckpt["epoch"], ckpt["history"], ckpt["wall_time_s"]
-        print(f"resuming {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
-    elif cfg["resume"]:
+        if lead:
+            print(f"resuming {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+    elif cfg["resume"] and lead:
         print(f"--resume: no {ckpt_path} yet, starting from scratch", file=sys.stderr)
 
     extra_eval = robust_eval(cfg, test) if cfg["eval_robust_every"] else None
@@ -533,12 +574,13 @@ def run(cfg: dict) -> dict:
     for epoch in range(start_epoch, cfg["epochs"]):
         schedule.apply(opt, epoch)
         lr = opt.param_groups[0]["lr"]
-        progress = None if cfg["quiet"] else tqdm(
+        progress = None if (cfg["quiet"] or not lead) else tqdm(
             total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']} [{schedule.phase(epoch)}]",
             unit="batch", leave=False, disable=None)
         adv = adversarial_inputs(cfg, epoch) if schedule.adversarial_at(epoch) else None
         train_loss, train_acc, seconds, _ = train_epoch(cfg, epoch, forward_model, opt, train,
-                                                       device, scaler, progress, adv)
+                                                       device, scaler, progress, adv,
+                                                       step_model, rank, world)
         if progress is not None:
             progress.close()
         lr_sched.step()
@@ -546,6 +588,8 @@ def run(cfg: dict) -> dict:
                "train_loss": train_loss, "train_acc": train_acc, "epoch_time_s": seconds,
                "test_loss": None, "test_acc": None}
         last = epoch == cfg["epochs"] - 1
+        if not lead:
+            continue
         if last or (epoch + 1) % cfg["eval_every"] == 0:
             row["test_loss"], row["test_acc"] = evaluate(cfg, model, test, device)
         if extra_eval is not None and (last or (epoch + 1) % cfg["eval_robust_every"] == 0):
@@ -564,6 +608,9 @@ def run(cfg: dict) -> dict:
             save_checkpoint(ckpt_path, _jsonable(cfg), model, opt, lr_sched, epoch + 1, history,
                             wall_before + time.perf_counter() - t_run)
 
+    if not lead:
+        dist.barrier()  # wait for rank 0's last evaluation and files
+        return {}
     final = history[-1]
     summary = {
         "test_acc": final["test_acc"], "test_loss": final["test_loss"],
@@ -572,7 +619,7 @@ def run(cfg: dict) -> dict:
         "adversarial_epochs": schedule.adversarial_epochs,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         "wall_time_s": wall_before + time.perf_counter() - t_run,
-        "skipped_steps": opt.skipped_steps, "backend": opt.backend,
+        "skipped_steps": opt.skipped_steps, "backend": opt.backend, "world_size": world,
         "config": _jsonable(cfg), "versions": versions(device),
     }
     for key in ("robust_acc", "sharpness", "hessian_top"):
@@ -583,6 +630,8 @@ def run(cfg: dict) -> dict:
     plot_curves(out / "curves.png", history, schedule,
                 f"{cfg['model']} on {cfg['dataset']}, {cfg['optimizer']} "
                 f"(SAM epochs {schedule.sam_epochs}/{cfg['epochs']})")
+    if world > 1:
+        dist.barrier()  # the other ranks wait here for rank 0's files
     return summary
 
 
@@ -597,8 +646,12 @@ def main(argv=None) -> int:
     except DataError as exc:
         print(f"samfast-train: data error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("test_acc", "test_loss", "train_loss", "epochs",
-                                              "sam_epochs", "wall_time_s")}))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if summary:  # rank 0
+        print(json.dumps({k: summary[k] for k in ("test_acc", "test_loss", "train_loss",
+                                                  "epochs", "sam_epochs", "wall_time_s")}))
     return 0
 
 
