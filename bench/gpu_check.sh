@@ -40,4 +40,16 @@ else
     OUT="$OUT" timeout 150 "$PY" bench/bench_optimizer_step.py --device cpu --rounds 3 \
         --models resnet20 --save
 fi
+if [ "$DEVICE" = cuda ]; then
+    echo "== training-step benchmark (bf16 autocast, CUDA graph)"
+    OUT="$OUT" timeout 200 "$PY" bench/bench_train_step.py --device cuda --amp bf16 \
+        --cuda-graph --rounds 10 --save
+    echo "== PGD benchmark"
+    OUT="$OUT" timeout 60 "$PY" bench/bench_pgd.py --device cuda --save
+    echo "== single-GPU NCCL sanity (torchrun, 1 process)"
+    timeout 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+        -m samfast.cifar.train --data-dir samfast/cifar/demo_data --epochs 1 \
+        --train-subset 500 --test-subset 100 --out "$OUT/nccl" --quiet --device cuda \
+        && echo "NCCL single-GPU run: ok"
+fi
 echo "== done $(date -u +%FT%TZ)"
