@@ -87,36 +87,37 @@ void ascent(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup, 
   }
 }
 
-// w <- backup, then torch.optim.SGD's update (see csrc/samfast.cpp). kInPlace: backup is w
-// itself (a plain SGD step), so the pointers alias and are not restrict-qualified.
+// torch.optim.SGD's update of one element from the weight w0, in its order of operations
+// (see csrc/samfast.cpp); the momentum buffer element is read and written through `buf`.
+template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
+inline T sgd_element(T w0, T g, T& buf, T lr, T momentum, T dampening, T wd) {
+  T d = g + wd * w0;
+  if (kMomentum) {
+    const T b = kFirst ? d : buf * momentum + (T(1) - dampening) * d;
+    buf = b;
+    d = kNesterov ? d + momentum * b : b;
+  }
+  return w0 - lr * d;
+}
+
+// w <- backup, then the SGD update: four distinct streams, restrict-qualified.
 template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
 void restore_sgd(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ backup,
                  T* __restrict__ buf, long begin, long end, T lr, T momentum, T dampening,
                  T wd) {
   for (long i = begin; i < end; ++i) {
-    const T w0 = backup[i];
-    T d = g[i] + wd * w0;
-    if (kMomentum) {
-      const T b = kFirst ? d : buf[i] * momentum + (T(1) - dampening) * d;
-      buf[i] = b;
-      d = kNesterov ? d + momentum * b : b;
-    }
-    w[i] = w0 - lr * d;
+    w[i] = sgd_element<T, kMomentum, kNesterov, kFirst>(backup[i], g[i], buf[i], lr, momentum,
+                                                         dampening, wd);
   }
 }
 
+// A plain SGD step (the base phase): the weights are read and written in place.
 template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
 void sgd_in_place(T* w, const T* __restrict__ g, T* __restrict__ buf, long begin, long end,
                   T lr, T momentum, T dampening, T wd) {
   for (long i = begin; i < end; ++i) {
-    const T w0 = w[i];
-    T d = g[i] + wd * w0;
-    if (kMomentum) {
-      const T b = kFirst ? d : buf[i] * momentum + (T(1) - dampening) * d;
-      buf[i] = b;
-      d = kNesterov ? d + momentum * b : b;
-    }
-    w[i] = w0 - lr * d;
+    w[i] = sgd_element<T, kMomentum, kNesterov, kFirst>(w[i], g[i], buf[i], lr, momentum,
+                                                        dampening, wd);
   }
 }
 
