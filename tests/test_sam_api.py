@@ -400,3 +400,31 @@ def test_running_stats_context_manager_restores_and_can_be_off():
             assert not bn.track_running_stats
             raise KeyError
     assert bn.track_running_stats
+
+
+def test_works_without_the_compiled_extension():
+    """samfast imports and trains when samfast._C is missing: "auto" falls back to the
+    reference backend, and asking for "native" says why it is unavailable."""
+    import subprocess
+    import sys
+    code = """
+import sys
+sys.modules["samfast._C"] = None  # makes `import samfast._C` fail, as without a build
+import torch, samfast
+assert "native" not in samfast.available_backends("cpu"), samfast.available_backends("cpu")
+p = torch.nn.Parameter(torch.randn(3))
+opt = samfast.SAM([p], lr=0.1)
+assert opt.backend == "reference", opt.backend
+p.grad = torch.ones(3); opt.first_step(); p.grad = torch.ones(3); opt.second_step()
+try:
+    samfast.SAM([p], lr=0.1, backend="native")
+except ValueError as exc:
+    assert "not built" in str(exc), exc
+else:
+    raise AssertionError("native should be unavailable")
+print("ok")
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "SAMFAST_JIT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
