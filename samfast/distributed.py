@@ -51,34 +51,47 @@ def _local_grads_finite(optimizer: SAM, device: torch.device) -> bool:
 
 
 def sam_step(model: nn.Module, optimizer: SAM, loss_fn: Callable[[], Tensor],
-             ascent: str = "global") -> Tensor:
+             ascent: str = "global", grad_scaler=None) -> Tensor:
     """One training step with or without DDP, following ``optimizer.sam_enabled``.
 
     ``loss_fn()`` runs the forward pass and returns the loss (no ``zero_grad``, no backward:
     this function does those). Returns the first-pass loss, detached. The second pass leaves
-    BatchNorm running statistics alone.
+    BatchNorm running statistics alone. With fp16 AMP pass a ``torch.amp.GradScaler``: the
+    losses are scaled, the gradients unscaled, and ``grad_scaler.update()`` is called.
     """
     if ascent not in ASCENTS:
         raise ValueError(f"Invalid ascent: {ascent!r} (choose from {', '.join(ASCENTS)})")
     ddp = isinstance(model, DistributedDataParallel)
+    if ddp and ascent == "local" and grad_scaler is not None:
+        raise ValueError("Invalid grad_scaler: fp16 loss scaling with ascent='local' is not "
+                         "supported yet (the replicas would have to agree on overflows of "
+                         "their own ascent gradients); use bf16 autocast or ascent='global'")
+
+    def backward(loss: Tensor) -> None:
+        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+
     optimizer.zero_grad()
     if not optimizer.sam_enabled:
         loss = loss_fn()
-        loss.backward()
-        optimizer.base_step()
+        backward(loss)
+        optimizer.base_step(grad_scaler=grad_scaler)
+        if grad_scaler is not None:
+            grad_scaler.update()
         return loss.detach()
     local = ddp and ascent == "local"
     with model.no_sync() if local else contextlib.nullcontext():
         loss = loss_fn()
-        loss.backward()
+        backward(loss)
     device = next(unwrap(model).parameters()).device
     if local and not _local_grads_finite(optimizer, device):
         optimizer.zero_grad()
         optimizer._count_skip(True)
         return loss.detach()
-    optimizer.first_step(zero_grad=True)
+    optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler)
     with running_stats_disabled(unwrap(model), enabled=optimizer.perturbed):
         loss2 = loss_fn()
-    loss2.backward()
-    optimizer.second_step(zero_grad=True)
+    backward(loss2)
+    optimizer.second_step(zero_grad=True, grad_scaler=grad_scaler)
+    if grad_scaler is not None:
+        grad_scaler.update()
     return loss.detach()

@@ -194,12 +194,36 @@ class SAM(torch.optim.Optimizer):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")
 
+    def _unscale(self, grad_scaler, second: bool) -> None:
+        """fp16 AMP: unscale the gradients with ``grad_scaler`` (recording its inf checks).
+
+        GradScaler allows one ``unscale_`` per optimizer between updates; a SAM step has two
+        backward passes, so after the first we take its record back out (private state:
+        ``_per_optimizer_states``) and after the second we merge both, so that
+        ``grad_scaler.update()`` backs off when either pass overflowed.
+        """
+        if grad_scaler is None or not grad_scaler.is_enabled():
+            return
+        grad_scaler.unscale_(self)
+        states = grad_scaler._per_optimizer_states
+        if not second:
+            self._first_pass_found_inf = states.pop(id(self))["found_inf_per_device"]
+            return
+        found = states[id(self)]["found_inf_per_device"]
+        for device, flag in getattr(self, "_first_pass_found_inf", {}).items():
+            found[device] = found[device] + flag if device in found else flag
+        self._first_pass_found_inf = {}
+
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Ascent: w <- w + e(g), remembering w. Skipped (counted) when N is not finite."""
+    def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+        """Ascent: w <- w + e(g), remembering w. Skipped (counted) when N is not finite.
+
+        With fp16 AMP pass ``grad_scaler`` (a ``torch.amp.GradScaler`` whose ``scale(loss)``
+        the backward used): the gradients are unscaled first."""
         if self._phase != _IDLE:
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         self._check_grads()
+        self._unscale(grad_scaler, second=False)
         skipped = self._backend.first_step(self.param_groups)
         if skipped is True:
             self._phase = _SKIPPED
@@ -210,10 +234,14 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Descent: restore w, then the base optimizer's step with the gradient at w + e."""
+    def second_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+        """Descent: restore w, then the base optimizer's step with the gradient at w + e.
+
+        With fp16 AMP pass the same ``grad_scaler`` as to ``first_step``, then call
+        ``grad_scaler.update()`` (not ``grad_scaler.step``)."""
         if self._phase == _IDLE:
             raise RuntimeError("SAM.second_step called without a preceding first_step")
+        self._unscale(grad_scaler, second=True)
         if self._phase == _PERTURBED:
             self._check_grads()
             self._count_skip(self._backend.second_step(self.param_groups,
@@ -224,11 +252,13 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def base_step(self, zero_grad: bool = False) -> None:
-        """A plain base-optimizer step (no perturbation), e.g. the SGD phase of a schedule."""
+    def base_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+        """A plain base-optimizer step (no perturbation), e.g. the SGD phase of a schedule
+        (with fp16 AMP: pass ``grad_scaler``, then call ``grad_scaler.update()``)."""
         if self._phase != _IDLE:
             raise RuntimeError("SAM.base_step called between first_step and second_step")
         self._check_grads()
+        self._unscale(grad_scaler, second=True)
         self._count_skip(self._backend.base_step(self.param_groups, self.base_optimizer.step))
         self._mark_stepped()
         if zero_grad:
@@ -250,23 +280,26 @@ class SAM(torch.optim.Optimizer):
                                "(did it call loss.backward()?)")
         return loss
 
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
+             grad_scaler=None) -> Tensor:
         """Full step from a closure (zero grads, forward, backward, return loss).
 
         Two passes when ``sam_enabled`` (the second with the weights perturbed: see
-        ``perturbed``), else one pass and a base step. Returns the first-pass loss.
+        ``perturbed``), else one pass and a base step. Returns the first-pass loss. With fp16
+        AMP the closure back-propagates ``grad_scaler.scale(loss)``; pass ``grad_scaler``
+        here and call ``grad_scaler.update()`` after.
         """
         if closure is None:
             raise RuntimeError("SAM.step needs a closure (zero grads, forward, backward, return "
                                "the loss); or call first_step() and second_step() yourself")
         loss = self._run_closure(closure, "first")
         if not self.sam_enabled:
-            self.base_step()
+            self.base_step(grad_scaler=grad_scaler)
             return loss
-        self.first_step()
+        self.first_step(grad_scaler=grad_scaler)
         if self._phase == _PERTURBED:
             self._run_closure(closure, "second")
-        self.second_step()
+        self.second_step(grad_scaler=grad_scaler)
         return loss
 
     def reset_base_state(self) -> None:

@@ -4,6 +4,7 @@ loading, augmentation, the SGD -> SAM switch, bit-identical resume after SIGKILL
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import signal
@@ -239,7 +240,7 @@ def test_resume_with_other_settings_refuses(tmp_path):
     (["--sam-start", "5", "--sam-end", "3", "--epochs", "10"], "--sam-end"),
     (["--rho", "-0.1"], "--rho"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
     (["--batch-size", "0"], "--batch-size"), (["--label-smoothing", "1.5"], "--label-smoothing"),
-    (["--amp", "fp16"], "--amp"), (["--backend", "magic"], "--backend"),
+    (["--amp", "fp32"], "--amp"), (["--backend", "magic"], "--backend"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--train-subset", "3"], "--train-subset"), (["--cutout", "40"], "--cutout"),
 ])
@@ -305,3 +306,10 @@ def test_bad_adversarial_and_sharpness_flags(flags, name, capsys):
     with pytest.raises(SystemExit):
         trainer.parse_config(["--epochs", "10", *flags])
     assert name in capsys.readouterr().err
+
+
+def test_fp16_amp_with_sam_trains(tmp_path):
+    # fp16 autocast is emulated on this CPU (slow): one small SAM epoch
+    summary = trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "1", "--amp",
+                                                         "fp16", "--test-subset", "20")))
+    assert summary["sam_epochs"] == 1 and math.isfinite(summary["train_loss"])

@@ -199,9 +199,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         torch.device(args.device)
     except RuntimeError as exc:
         bad("--device", str(exc))
-    if args.amp == "fp16" and args.optimizer != "sgd":
-        bad("--amp", "fp16 needs a GradScaler, which samfast.SAM does not support yet; use "
-                     "--amp bf16")
+    if args.amp == "fp16" and args.ddp_ascent == "local" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        bad("--amp", "fp16 loss scaling with --ddp-ascent local is not supported yet; use "
+                     "--amp bf16 or --ddp-ascent global")
     device = torch.device(args.device)
     if args.backend not in samfast.available_backends(device) and args.backend != "auto":
         bad("--backend", f"{args.backend!r} is not available on {device} (available: "
@@ -320,14 +320,7 @@ def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=Non
                 first_logits.append(logits.detach())
             return loss
 
-        if scaler is not None:  # fp16 AMP: SGD only (validated)
-            opt.zero_grad()
-            loss = loss_fn()
-            scaler.scale(loss).backward()
-            scaler.step(opt.base_optimizer)
-            scaler.update()
-        else:
-            loss = sam_step(step_model, opt, loss_fn, ascent=cfg["ddp_ascent"])
+        loss = sam_step(step_model, opt, loss_fn, ascent=cfg["ddp_ascent"], grad_scaler=scaler)
         total_loss += loss.detach() * len(y)
         correct += (first_logits[0].argmax(1) == y).sum()
         seen += len(y)
