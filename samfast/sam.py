@@ -81,7 +81,8 @@ class SAM(torch.optim.Optimizer):
         normalize: divide by N (SAM/ASAM); False gives unnormalized SAM (USAM).
         eps: added to N, >= 0 (stored in the groups as ``sam_eps``; a base optimizer's own
             ``eps`` goes through a factory: ``functools.partial(torch.optim.AdamW, eps=1e-6)``).
-        backend: "auto", "reference" (see :func:`samfast.available_backends`).
+        backend: "auto", "reference", "native" or "triton" (see
+            :func:`samfast.available_backends`).
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``...).
     """
 

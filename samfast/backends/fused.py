@@ -1,7 +1,8 @@
 """The fused backends' shared orchestration over flat buffers.
 
 A fused backend is this class plus an *ops* object (Triton kernels or the ``samfast._C``
-extension) implementing five device kernels over 1-D slices of the flat buffers:
+extension) implementing four device kernels over 1-D slices of the flat buffers (the
+plain restore is a torch copy):
 
 * ``sq_norm(g, w, adaptive, eta) -> 0-d``: sum of (T(w) g)^2, fp32 (fp64 for fp64 buffers),
   deterministic (per-block partials, then an ordered second reduction; no atomics);

@@ -84,7 +84,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 class NativeOps:
-    """The five kernels of samfast/backends/fused.py, from the extension."""
+    """The four kernels of samfast/backends/fused.py, from the extension."""
 
     @staticmethod
     def sq_norm(g, w, adaptive, eta):

@@ -42,7 +42,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 class TritonOps:
-    """The five kernels of samfast/backends/fused.py, from samfast.kernels."""
+    """The four kernels of samfast/backends/fused.py, from samfast.kernels."""
 
     def __init__(self) -> None:
         from ..kernels import ascent, norm, restore
