@@ -1,0 +1,34 @@
+"""samfast-reproduce at smoke scale: the grid runs, resumes (skips finished runs) and reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from samfast import reproduce
+
+
+@pytest.mark.parametrize("experiment", reproduce.EXPERIMENTS)
+def test_every_experiment_defines_its_runs_for_every_scale(experiment):
+    for scale in reproduce.SETTINGS:
+        runs = reproduce.runs_of(experiment, scale)
+        assert len(runs) >= 3 and all(isinstance(f, list) for f in runs.values())
+    late = reproduce.runs_of("late_switch", "full")
+    assert late["SGD->SAM@175"] == ["--optimizer", "sam", "--sam-start", "175"]
+
+
+def test_smoke_late_switch_and_adversarial_run_and_resume(tmp_path, capsys):
+    for experiment in ("late_switch", "adversarial"):
+        assert reproduce.main([experiment, "--scale", "smoke", "--out", str(tmp_path)]) == 0
+    root = tmp_path / "smoke" / "late_switch"
+    table = (root / "results.md").read_text()
+    assert "SGD->SAM@1" in table and "sharpness" in table
+    assert (root / "figure.png").exists()
+    settings = json.loads((root / "settings.json").read_text())
+    assert settings["epochs"]["value"] == 2 and settings["epochs"]["source"]
+    adv = (tmp_path / "smoke" / "adversarial" / "results.md").read_text()
+    assert "full AT" in adv
+    capsys.readouterr()
+    reproduce.main(["late_switch", "--scale", "smoke", "--out", str(tmp_path)])
+    assert capsys.readouterr().err.count("skip") == 3  # finished runs are not run again
