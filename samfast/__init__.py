@@ -9,6 +9,7 @@ Public API::
     samfast.SwitchSchedule                          # SGD -> SAM late, SAM -> SGD, adversarial
     samfast.hessian_eigenvalues / hessian_trace     # sharpness (Lanczos, power, Hutchinson)
     samfast.pgd_attack / robust_accuracy            # PGD (L-inf, L2) and robust accuracy
+    samfast.distributed.sam_step                    # one step with or without DDP
 """
 
 from ._version import __version__
