@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .backends.reference import grads_finite
 from .bn import running_stats_disabled
 from .sam import SAM
 
@@ -40,11 +41,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _local_grads_finite(optimizer: SAM, device: torch.device) -> bool:
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    finite = torch.ones((), device=device)
-    if grads:
-        maxes = torch._foreach_norm(grads, float("inf"))
-        finite = torch.stack([m.to(device) for m in maxes]).isfinite().all().float()
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    finite = torch.tensor(float(grads_finite(params)), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite)

@@ -98,9 +98,6 @@ class _HessianOperator:
                 a += h.double()
         return torch.cat([a.reshape(-1) for a in acc]).to(flat_v.device)
 
-    def flat_params(self) -> Tensor:
-        return torch.cat([p.detach().reshape(-1).double() for p in self.params])
-
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         return [t.detach().clone() for t in self._split(flat)]
 

@@ -77,9 +77,6 @@ class FusedBackend:
 
     # -- the step -----------------------------------------------------------------------------
 
-    def _groups(self) -> list[dict]:
-        return self._optimizer.param_groups
-
     def first_step(self, groups: list[dict]) -> bool | Tensor:
         masks = [b.active_mask() for b in self.buckets]
         if not any(any(m) for m in masks):
