@@ -38,7 +38,10 @@ def extension_kwargs() -> dict:
     # -fno-wrapv: Python's CFLAGS carry -fwrapv, with which GCC cannot bound the trip count
     # of the blocked reduction loops and leaves them scalar (measured: sum of squares at
     # 3.7 GB/s instead of 35 GB/s on 100k floats in cache).
-    cxx = ["-O3", "-fopenmp", "-fno-wrapv"]
+    # -ffp-contract=off: no fused multiply-adds, so the SSE2/AVX2/AVX-512 builds of a kernel and
+    # its streaming-store variant give the same bits (found: GCC contracted the AVX-512
+    # streaming fp64 restore + SGD into FMAs, 1 ulp off the other builds).
+    cxx = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = cpp_extension.CUDAExtension(
