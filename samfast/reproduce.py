@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,6 +183,28 @@ def plot(root: Path, runs: dict, seeds: int, experiment: str) -> None:
     plt.close(fig)
 
 
+# Trainer options that do not change what a run computes.
+_NOT_IN_KEY = ("out", "resume", "quiet")
+
+
+def _config_key(argv: list[str]) -> str:
+    """The run's full trainer configuration (defaults filled in) as canonical JSON: two runs
+    with equal keys are the same computation (e.g. ``SGD->SAM@0`` of the sweep and ``SAM``)."""
+    from samfast.cifar import train as trainer
+    cfg = trainer.parse_config(argv)
+    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in _NOT_IN_KEY},
+                      default=str)
+
+
+def _finished_runs(scale_root: Path) -> dict[str, Path]:
+    """config key -> run directory, for every finished run of every experiment of a scale."""
+    found = {}
+    for key_file in sorted(scale_root.glob("*/*/seed*/config_key.json")):
+        if (key_file.parent / "summary.json").exists():
+            found.setdefault(key_file.read_text(), key_file.parent)
+    return found
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -208,16 +231,26 @@ def main(argv=None) -> int:
         {k: {"value": v, "source": src} for k, (v, src) in SETTINGS[args.scale].items()},
         indent=1))
     runs = runs_of(args.experiment, args.scale)
+    finished = _finished_runs(root.parent)
     for name, flags in runs.items():
         for seed in range(seeds):
             out = root / _slug(name) / f"seed{seed}"
+            argv = base_args(args.scale, data_dir) + flags + ["--seed", str(seed)]
+            key = _config_key(argv + (["--device", args.device] if args.device else []))
             if (out / "summary.json").exists():
                 print(f"skip {name} seed {seed}: done", file=sys.stderr)
-                continue
-            print(f"run  {name} seed {seed}", file=sys.stderr, flush=True)
-            _run_one(base_args(args.scale, data_dir) + flags +
-                     ["--seed", str(seed), "--out", str(out), "--resume"],
-                     args.torchrun, args.device)
+            elif key in finished:
+                # The same training run (same configuration) finished in another experiment
+                # of this scale: copy it rather than train it again.
+                print(f"copy {name} seed {seed}: same run as {finished[key]}", file=sys.stderr)
+                if out.exists():
+                    shutil.rmtree(out)
+                shutil.copytree(finished[key], out)
+            else:
+                print(f"run  {name} seed {seed}", file=sys.stderr, flush=True)
+                _run_one(argv + ["--out", str(out), "--resume"], args.torchrun, args.device)
+            (out / "config_key.json").write_text(key)
+            finished.setdefault(key, out)
     table = summarize(root, runs, seeds)
     (root / "results.md").write_text(f"# {args.experiment} ({args.scale}, {seeds} seeds)\n\n"
                                      f"{table}\n")

@@ -32,3 +32,13 @@ def test_smoke_late_switch_and_adversarial_run_and_resume(tmp_path, capsys):
     capsys.readouterr()
     reproduce.main(["late_switch", "--scale", "smoke", "--out", str(tmp_path)])
     assert capsys.readouterr().err.count("skip") == 3  # finished runs are not run again
+    # A run with the same configuration in another experiment is copied, not trained again:
+    # the sweep's SGD->SAM@0 is late_switch's SAM and its SGD->SAM@1 the late switch.
+    reproduce.main(["switch_sweep", "--scale", "smoke", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert err.count("copy ") == 2 and err.count("run  ") == 1, err
+    sweep = tmp_path / "smoke" / "switch_sweep"
+    for mine, theirs in (("SGD__SAM_0", "SAM"), ("SGD__SAM_1", "SGD__SAM_1")):
+        assert ((sweep / mine / "seed0" / "summary.json").read_text()
+                == (root / theirs / "seed0" / "summary.json").read_text())
+    assert "SGD->SAM@2" in (sweep / "results.md").read_text()
