@@ -6,7 +6,19 @@ returns a batch mean; batches of unequal size weigh by their size). The paramete
 with ``requires_grad``.
 
 Hessian-vector products are double-backward products accumulated over the batches, in the
-model's dtype:  H v = d/dw < dL/dw , v >.  The Lanczos bookkeeping (basis, tridiagonal matrix,
+model's dtype:  H v = d/dw < dL/dw , v >.  Two things make them cheap (measured on the
+development CPU, ResNet-20, 2 x 256 images, one product relative to one forward + backward):
+
+* the graph of dL/dw is built once per batch and kept (``cache_graph``), so each product is
+  one backward pass through it, not a forward, a backward and that pass (3.97x -> 2.84x);
+  memory: the saved tensors of a forward and a backward per batch (about 370 MB per 128
+  images for ResNet-20); ``"auto"`` keeps them when they fit in a quarter of the free memory;
+* BatchNorm in eval mode is the per-channel affine map  x * s + (beta - mean * s),
+  s = gamma / sqrt(var + eps), and is evaluated in that form during the measurement:
+  PyTorch's batch-norm double backward is the general batch-statistics formula, a third of
+  the product's time (2.84x -> 1.64x). Same function; results change only by rounding.
+
+The Lanczos bookkeeping (basis, tridiagonal matrix,
 Ritz values) is float64 with full reorthogonalization, so a run of m iterations returns the
 extreme eigenvalues of H restricted to the m-dimensional Krylov space; memory is that basis,
 m x num_params float64 numbers (``basis_device="cpu"`` keeps it off the GPU).
@@ -49,9 +61,18 @@ def _measurement_mode(model: nn.Module, bn_mode: str):
     modes = {m: m.training for m in model.modules()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.train(bn_mode == "train")
+    patched = []
+    if bn_mode == "eval":
+        for m in model.modules():
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+                    and m.running_var is not None and "forward" not in m.__dict__):
+                m.forward = _affine_batch_norm(m)
+                patched.append(m)
     try:
         yield
     finally:
+        for m in patched:
+            del m.__dict__["forward"]
         with torch.no_grad():
             for name, b in model.named_buffers():
                 if name in buffers:
@@ -60,10 +81,27 @@ def _measurement_mode(model: nn.Module, bn_mode: str):
             m.training = training
 
 
+def _affine_batch_norm(bn: nn.modules.batchnorm._BatchNorm):
+    """An eval-mode BatchNorm layer as the affine map it is (see the module docstring)."""
+    def forward(x: Tensor) -> Tensor:
+        scale = (bn.running_var + bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+    return forward
+
+
 class _HessianOperator:
     """v -> H v over all of ``data`` for the trainable params of ``model``, flat float64."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data, device=None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data, device=None,
+                 cache_graph: bool | str = "auto") -> None:
+        if cache_graph not in (True, False, "auto"):
+            raise ValueError(f"Invalid cache_graph: {cache_graph!r} (True, False or 'auto')")
         self.model = model
         self.loss_fn = loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -76,6 +114,9 @@ class _HessianOperator:
         self.numel = sum(p.numel() for p in self.params)
         self.device = device or self.params[0].device
         self.calls = 0
+        self.cache_graph = cache_graph
+        self.graphs: list | None = None   # per batch: dL_b/dw with its graph, when cached
+        self.graph_bytes: int | None = None  # saved-tensor bytes of one batch's graph
 
     def _split(self, flat: Tensor) -> list[Tensor]:
         out, offset = [], 0
@@ -84,22 +125,74 @@ class _HessianOperator:
             offset += p.numel()
         return out
 
+    def _grads(self, x, y) -> tuple[Tensor, ...]:
+        """dL_b/dw of one batch's share of the loss, with the graph for a second backward."""
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(x), y) * (len(y) / self.total)
+            return torch.autograd.grad(loss, self.params, create_graph=True)
+
+    def _first_grads(self, x, y) -> tuple[Tensor, ...]:
+        """Like _grads, and decides whether to keep the graphs: it counts the bytes the
+        graph holds (tensors saved for backward, not the parameters) and projects them over
+        all batches."""
+        seen = {p.untyped_storage().data_ptr() for p in self.params}
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            grads = self._grads(x, y)
+        self.graph_bytes = total
+        keep = self.cache_graph
+        if keep == "auto":
+            keep = total * self.total / max(len(y), 1) <= 0.25 * _free_memory(self.device)
+        self.graphs = [] if keep else None
+        return grads
+
+    def _graph(self, b: int, x, y) -> tuple[Tensor, ...]:
+        if self.graphs is not None and b < len(self.graphs):
+            return self.graphs[b]
+        grads = self._grads(x, y) if self.graph_bytes is not None else self._first_grads(x, y)
+        if self.graphs is not None:
+            self.graphs.append(grads)
+        return grads
+
     def __call__(self, flat_v: Tensor) -> Tensor:
         self.calls += 1
         v = self._split(flat_v)
         acc = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
-        for x, y in self.batches:
-            with torch.enable_grad():
-                loss = self.loss_fn(self.model(x), y) * (len(y) / self.total)
-                grads = torch.autograd.grad(loss, self.params, create_graph=True)
-                dot = sum((g * vi).sum() for g, vi in zip(grads, v))
-                hv = torch.autograd.grad(dot, self.params)
+        for b, (x, y) in enumerate(self.batches):
+            grads = self._graph(b, x, y)
+            # H_b v = d/dw <dL_b/dw, v>: a backward through the gradient's graph from v.
+            hv = torch.autograd.grad(grads, self.params, grad_outputs=v,
+                                     retain_graph=self.graphs is not None, allow_unused=True,
+                                     materialize_grads=True)
             for a, h in zip(acc, hv):
                 a += h.double()
         return torch.cat([a.reshape(-1) for a in acc]).to(flat_v.device)
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         return [t.detach().clone() for t in self._split(flat)]
+
+
+def _free_memory(device) -> int:
+    """Bytes free for the cached graphs: the GPU's free memory, or MemAvailable on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0  # unknown: do not cache
 
 
 def _start_vector(n: int, seed: int, device) -> Tensor:
@@ -197,7 +290,8 @@ def _power(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int):
 def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
                         method: str = "lanczos", max_iter: int = 100, tol: float = 1e-4,
                         seed: int = 0, return_eigenvectors: bool | str = False,
-                        bn_mode: str = "eval", basis_device=None, return_info: bool = False):
+                        bn_mode: str = "eval", basis_device=None, return_info: bool = False,
+                        cache_graph: bool | str = "auto"):
     """The ``k`` algebraically largest eigenvalues of the Hessian of the loss over ``data``,
     largest first, as a float64 CPU tensor.
 
@@ -213,6 +307,10 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
         bn_mode: "eval" (default) or "train" (batch statistics; buffers are restored).
         basis_device: where the Lanczos basis lives (e.g. "cpu" for big models on a GPU).
         return_info: also return a :class:`SharpnessInfo` (iterations, products used).
+        cache_graph: keep each batch's gradient graph between products (True), rebuild it
+            for every product (False: memory of one batch only), or decide from its size
+            ("auto", the default: keep when all batches' graphs fit in a quarter of the free
+            memory of the device).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"Invalid k: {k!r} (must be an int >= 1)")
@@ -225,7 +323,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
     if return_eigenvectors not in (False, True, "flat", "params"):
         raise ValueError(f"Invalid return_eigenvectors: {return_eigenvectors!r}")
     with _measurement_mode(model, bn_mode):
-        op = _HessianOperator(model, loss_fn, data)
+        op = _HessianOperator(model, loss_fn, data, cache_graph=cache_graph)
         if k > op.numel:
             raise ValueError(f"Invalid k: {k} > {op.numel} parameters")
         if method == "lanczos":
@@ -233,6 +331,7 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
                                              bool(return_eigenvectors))
         else:
             values, vectors, info = _power(op, k, max_iter, tol, seed)
+        op.graphs = None  # free the cached graphs now
     result = [values]
     if return_eigenvectors:
         if return_eigenvectors == "params":
@@ -246,19 +345,22 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_samples: int = 64,
-                  seed: int = 0, bn_mode: str = "eval", return_std: bool = False):
+                  seed: int = 0, bn_mode: str = "eval", return_std: bool = False,
+                  cache_graph: bool | str = "auto"):
     """Hutchinson's estimate of tr(H): the mean of v^T H v over ``n_samples`` Rademacher
-    vectors v (unbiased; with ``return_std`` also the standard error of the mean)."""
+    vectors v (unbiased; with ``return_std`` also the standard error of the mean).
+    ``cache_graph`` as in :func:`hessian_eigenvalues`."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"Invalid n_samples: {n_samples!r} (must be an int >= 1)")
     gen = torch.Generator().manual_seed(seed)
     with _measurement_mode(model, bn_mode):
-        op = _HessianOperator(model, loss_fn, data)
+        op = _HessianOperator(model, loss_fn, data, cache_graph=cache_graph)
         samples = []
         for _ in range(n_samples):
             v = (torch.randint(0, 2, (op.numel,), generator=gen, dtype=torch.float64) * 2 - 1)
             v = v.to(op.device)
             samples.append(float(op(v) @ v))
+        op.graphs = None
     mean = sum(samples) / n_samples
     if not return_std:
         return mean

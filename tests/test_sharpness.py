@@ -134,6 +134,7 @@ def test_model_state_is_left_exactly_as_it_was(bn_mode):
                                 bn_mode=bn_mode)
     samfast.hessian_trace(model, F.cross_entropy, [(x, y)], n_samples=2, bn_mode=bn_mode)
     assert [m.training for m in model.modules()] == modes
+    assert all("forward" not in m.__dict__ for m in model.modules())  # BN form restored
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
     assert all(torch.equal(buffers[k], v) for k, v in model.named_buffers())
 
@@ -177,3 +178,51 @@ def test_trace_is_exact_for_a_diagonal_hessian_and_unbiased_otherwise():
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         samfast.hessian_eigenvalues(mlp(), F.cross_entropy, batches_for((5,), [4]), **kwargs)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_batchnorm_in_its_affine_form_matches_the_exact_hessian(affine):
+    """During the measurement an eval-mode BatchNorm runs as its affine map (cheaper double
+    backward); the Hessian must be that of the model as it is, BatchNorm forward and all."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, affine=affine), nn.Tanh(),
+                          nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2, affine=affine), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                if affine:
+                    m.weight.normal_()
+                    m.bias.normal_()
+    model.eval()
+    batches = batches_for((2, 6, 6), [6, 4], seed=3)
+    n = sum(p.numel() for p in model.parameters())
+    exact = torch.linalg.eigvalsh(exact_hessian(model, F.cross_entropy, batches)).flip(0)[:3]
+    eigs = samfast.hessian_eigenvalues(model, F.cross_entropy, batches, k=3, max_iter=n,
+                                       tol=1e-12)
+    torch.testing.assert_close(eigs, exact, rtol=1e-6, atol=0)
+
+
+def test_cached_graphs_give_the_same_products_as_rebuilt_ones(monkeypatch):
+    from samfast.sharpness import _HessianOperator, _measurement_mode
+    model = small_cnn()
+    batches = batches_for((2, 6, 6), [7, 5, 3])
+    gen = torch.Generator().manual_seed(4)
+    vs = [torch.randn(sum(p.numel() for p in model.parameters()), generator=gen,
+                      dtype=torch.float64) for _ in range(3)]
+    with _measurement_mode(model, "eval"):
+        cached = _HessianOperator(model, F.cross_entropy, batches, cache_graph=True)
+        rebuilt = _HessianOperator(model, F.cross_entropy, batches, cache_graph=False)
+        for v in vs:
+            assert torch.equal(cached(v), rebuilt(v))
+        assert len(cached.graphs) == 3 and rebuilt.graphs is None
+        auto = _HessianOperator(model, F.cross_entropy, batches)  # tiny graphs: kept
+        auto(vs[0])
+        assert auto.graphs is not None and auto.graph_bytes > 0
+        monkeypatch.setattr("samfast.sharpness._free_memory", lambda device: 0)
+        auto = _HessianOperator(model, F.cross_entropy, batches)  # no room: rebuilt
+        assert torch.equal(auto(vs[1]), cached(vs[1])) and auto.graphs is None
+    with pytest.raises(ValueError, match="cache_graph"):
+        samfast.hessian_eigenvalues(model, F.cross_entropy, batches, cache_graph="yes")
