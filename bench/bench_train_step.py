@@ -8,7 +8,11 @@ median time of one full training step, interleaved in one run:
   * LoopSAM: the per-tensor loop of davda54/sam; ForeachSAM: the same with torch._foreach,
 
 each with the second pass leaving BatchNorm statistics alone. Reported: median ms, the
-SAM / SGD ratio per implementation (two passes: the physical floor is 2.0), peak memory (CUDA:
+SAM / SGD ratio per implementation (two passes: the physical floor is 2.0); the time of the
+optimizer side of each step (zero_grad, ascent, update: everything but the passes), measured
+inside the steps, and the ratio with the passes' time pooled over all implementations (the
+passes are the same code for all; on a noisy CPU this ranks implementations by the part that
+differs, which the direct ratio cannot resolve); peak memory (CUDA:
 max_memory_allocated per implementation; CPU: optimizer-state bytes), and a whole-run cost
 model: 200 epochs of 391 steps (50k images / 128) for SGD, full SAM and SGD -> SAM switched at
 50 / 75 / 87.5 / 95 % of the epochs, from the measured step times.
@@ -21,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,8 +71,41 @@ def _state_bytes(opt) -> int:
     return total
 
 
+class Clock:
+    """Time stamps inside a step, split into the passes (forward + backward, the same code for
+    every implementation) and the optimizer side (zero_grad, the SAM ascent, the update)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.passes: list[float] = []
+        self.optimizer: list[float] = []
+        self._pass = self._opt = 0.0
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._pass = self._opt = 0.0
+        self._t = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, kind: str) -> None:
+        t = self._now()
+        if kind == "pass":
+            self._pass += t - self._t
+        else:
+            self._opt += t - self._t
+        self._t = t
+
+    def stop(self) -> None:
+        self.passes.append(self._pass)
+        self.optimizer.append(self._opt)
+
+
 def implementations(name: str, device: torch.device, x, y, amp: str, compile_model: bool):
-    """name -> (step function, optimizer), each on its own copy of the model."""
+    """name -> (step function, optimizer, clock), each on its own copy of the model."""
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" \
         else contextlib.nullcontext
     impls = {}
@@ -83,42 +122,61 @@ def implementations(name: str, device: torch.device, x, y, amp: str, compile_mod
     model, fwd = fresh()
     sgd = torch.optim.SGD(model.parameters(), **SGD)
 
-    def sgd_step(model=model, fwd=fwd, opt=sgd):
+    def sgd_step(fwd=fwd, opt=sgd, clock=Clock(device)):
+        clock.start()
         opt.zero_grad()
+        clock.lap("opt")
         loss_of(fwd).backward()
+        clock.lap("pass")
         opt.step()
-    impls["SGD"] = (sgd_step, sgd)
+        clock.lap("opt")
+        clock.stop()
+    impls["SGD"] = (sgd_step, sgd, sgd_step.__defaults__[-1])
     for backend in samfast.available_backends(device):
         if backend == "triton" and device.type == "cpu":
             continue  # the interpreter is for tests
         model, fwd = fresh()
         opt = samfast.SAM(model.parameters(), backend=backend, **SGD)
 
-        def sam_step(model=model, fwd=fwd, opt=opt):
-            def closure():
-                opt.zero_grad()
-                with samfast.running_stats_disabled(model, enabled=opt.perturbed):
-                    loss = loss_of(fwd)
-                loss.backward()
-                return loss
-            opt.step(closure)
-        impls[f"samfast SAM [{backend}]"] = (sam_step, opt)
+        def sam_step(model=model, fwd=fwd, opt=opt, clock=Clock(device)):
+            clock.start()
+            opt.zero_grad()
+            clock.lap("opt")
+            loss_of(fwd).backward()
+            clock.lap("pass")
+            opt.first_step()
+            opt.zero_grad()
+            clock.lap("opt")
+            with samfast.running_stats_disabled(model):
+                loss_of(fwd).backward()
+            clock.lap("pass")
+            opt.second_step()
+            clock.lap("opt")
+            clock.stop()
+        impls[f"samfast SAM [{backend}]"] = (sam_step, opt, sam_step.__defaults__[-1])
     for label, cls in (("loop SAM (davda54)", LoopSAM), ("foreach SAM", ForeachSAM)):
         model, fwd = fresh()
         opt = cls(model.parameters(), **SGD)
 
-        def base_step(model=model, fwd=fwd, opt=opt):
+        def base_step(model=model, fwd=fwd, opt=opt, clock=Clock(device)):
+            clock.start()
             for p in model.parameters():
                 p.grad = None
+            clock.lap("opt")
             loss_of(fwd).backward()
+            clock.lap("pass")
             opt.first_step()
             for p in model.parameters():
                 p.grad = None
+            clock.lap("opt")
             samfast.disable_running_stats(model)
             loss_of(fwd).backward()
             samfast.enable_running_stats(model)
+            clock.lap("pass")
             opt.second_step()
-        impls[label] = (base_step, opt)
+            clock.lap("opt")
+            clock.stop()
+        impls[label] = (base_step, opt, base_step.__defaults__[-1])
     return impls
 
 
@@ -170,7 +228,7 @@ def main(argv=None) -> None:
         x = torch.rand(args.batch_size, 3, 32, 32, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
         impls = implementations(name, device, x, y, args.amp, args.compile)
-        fns = {k: fn for k, (fn, _) in impls.items()}
+        fns = {k: fn for k, (fn, _, _) in impls.items()}
         if args.cuda_graph and device.type == "cuda":
             fns["samfast SAM [native], CUDA graph"] = cuda_graph_step(name, device, x, y)
         peaks = {}
@@ -184,14 +242,35 @@ def main(argv=None) -> None:
         samples = time_interleaved(fns, device, rounds=rounds, warmup=2, cold=False)
         raw[name] = samples
         sgd = median(samples["SGD"])
+        # Derived ratio: on a CPU a step's time varies by a few % from run to run, more than
+        # the whole optimizer side of a step (ResNet-20: ~0.5 %), so the direct ratios cannot
+        # rank implementations whose passes are the same code. Pooling the pass times of all
+        # implementations and adding each one's own optimizer-side time (measured inside its
+        # steps, so with the caches as training leaves them) ranks them by what differs.
+        clocks = {k: c for k, (_, _, c) in impls.items()}
+        # (the clocks also saw the warm-up calls: keep the timed rounds)
+        per_pass = statistics.median([t / (1 if k == "SGD" else 2) for k, c in clocks.items()
+                                      for t in c.passes[-rounds:]])
+        opt_side = {k: median(c.optimizer[-rounds:]) for k, c in clocks.items()}
+        raw[f"{name}/optimizer_side"] = {k: c.optimizer[-rounds:] for k, c in clocks.items()}
+        raw[f"{name}/passes"] = {k: c.passes[-rounds:] for k, c in clocks.items()}
+        sgd_derived = per_pass + opt_side["SGD"]
         rows = []
         for k, s in samples.items():
             opt = impls[k][1] if k in impls else None
             mem = (f"{peaks[k]:.0f} MiB peak" if device.type == "cuda"
                    else f"{_state_bytes(opt) / 2 ** 20:.1f} MiB state" if opt is not None else "")
-            rows.append([k, median(s) * 1e3, median(s) / sgd, mem])
-        table = markdown_table(["implementation", "median ms / step", "x SGD step", "memory"],
-                               rows)
+            if k in opt_side:
+                derived = ((per_pass * (1 if k == "SGD" else 2) + opt_side[k]) / sgd_derived)
+                rows.append([k, median(s) * 1e3, median(s) / sgd, opt_side[k] * 1e3,
+                             f"{derived:.4f}", mem])
+            else:
+                rows.append([k, median(s) * 1e3, median(s) / sgd, "", "", mem])
+        table = markdown_table(["implementation", "median ms / step", "x SGD step",
+                                "optimizer side ms / step", "x SGD step (pooled passes)",
+                                "memory"], rows)
+        table += (f"\n\nOne forward + backward pass (pooled over all implementations): "
+                  f"{per_pass * 1e3:.1f} ms.")
         sam_key = min((k for k in samples if k.startswith("samfast SAM [")),
                       key=lambda k: median(samples[k]))
         sam = median(samples[sam_key])

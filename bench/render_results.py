@@ -36,6 +36,8 @@ def table(path: Path, baseline: str) -> tuple[str, dict]:
              f"{env['commit']}; {env['date'][:10]} (`bench/results/{path.name}`)", ""]
     medians = {}
     for model, samples in data["raw"].items():
+        if "/" in model:  # a breakdown (e.g. "wrn16_8/optimizer_side"), not a table
+            continue
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         medians[model] = med
         base = med.get(baseline)

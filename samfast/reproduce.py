@@ -205,6 +205,44 @@ def _finished_runs(scale_root: Path) -> dict[str, Path]:
     return found
 
 
+# Cost of one epoch relative to an SGD epoch, measured on the development CPU (see README):
+# a SAM epoch is two forward/backward passes (bench/bench_epoch_cost.py: 2.00); a PGD-10
+# adversarial-training epoch with its attack (bench/bench_adv_switch.py: full AT 121.4 s vs
+# standard 17.2 s over the same 10 epochs: 7.1).
+EPOCH_COST = {"sgd": 1.0, "sam": 2.0, "adversarial": 7.1}
+
+
+def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = None) -> str:
+    """The grid's cost in SGD-epoch equivalents (and hours, given one SGD epoch's seconds on
+    the target machine), per experiment and for all of them with shared runs counted once."""
+    from samfast.cifar import train as trainer
+    seeds = SETTINGS[scale]["seeds"][0]
+    rows = ["| experiment | runs x seeds | SAM epochs | AT epochs | SGD-epoch equivalents | "
+            "hours |", "|---|---|---|---|---|---|"]
+    seen: dict[str, float] = {}
+    for experiment in experiments:
+        cost, sam, adv, runs = 0.0, 0, 0, runs_of(experiment, scale)
+        for flags in runs.values():
+            argv = base_args(scale, None) + flags
+            cfg = trainer.parse_config(argv)
+            sched = trainer.make_schedule(cfg)
+            epochs = cfg["epochs"]
+            n_sam, n_adv = sched.sam_epochs, sched.adversarial_epochs
+            c = (epochs - n_sam - n_adv + (n_sam * EPOCH_COST["sam"])
+                 + n_adv * EPOCH_COST["adversarial"])
+            cost += c * seeds
+            sam += n_sam * seeds
+            adv += n_adv * seeds
+            seen[_config_key(argv)] = c * seeds
+        hours = f"{cost * sgd_epoch_s / 3600:.1f}" if sgd_epoch_s else "-"
+        rows.append(f"| {experiment} | {len(runs)} x {seeds} | {sam} | {adv} | {cost:.0f} | "
+                    f"{hours} |")
+    total = sum(seen.values())
+    hours = f"{total * sgd_epoch_s / 3600:.1f}" if sgd_epoch_s else "-"
+    rows.append(f"| all, shared runs once | {len(seen)} x {seeds} | | | {total:.0f} | {hours} |")
+    return "\n".join(rows)
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -219,7 +257,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="default: the scale's")
     ap.add_argument("--device", default=None)
     ap.add_argument("--torchrun", type=int, default=1, help="processes per run (GPUs)")
+    ap.add_argument("--estimate", action="store_true",
+                    help="print the grid's cost (all experiments) and exit without training")
+    ap.add_argument("--sgd-epoch-seconds", type=float, default=None,
+                    help="with --estimate: one SGD epoch's seconds on the target machine")
     args = ap.parse_args(argv)
+    if args.estimate:
+        print(estimate(args.scale, sgd_epoch_s=args.sgd_epoch_seconds))
+        return 0
     data_dir = args.data_dir
     if data_dir is None and args.scale == "smoke":
         from samfast.cifar.demo import DEMO_DATA

@@ -42,3 +42,16 @@ def test_smoke_late_switch_and_adversarial_run_and_resume(tmp_path, capsys):
         assert ((sweep / mine / "seed0" / "summary.json").read_text()
                 == (root / theirs / "seed0" / "summary.json").read_text())
     assert "SGD->SAM@2" in (sweep / "results.md").read_text()
+
+
+def test_estimate_counts_epochs_by_their_measured_cost_and_shared_runs_once():
+    table = reproduce.estimate("smoke", sgd_epoch_s=3600.0)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines()[2:]}
+    # late_switch at smoke scale: 2 epochs; SGD 2 x 1.0, SAM 2 x 2.0, SGD->SAM@1 1.0 + 2.0
+    assert rows["late_switch"] == ["3 x 1", "3", "0", "9", "9.0"]
+    # adversarial: standard 2, full AT 2 x 7.1, AT@1 1 + 7.1
+    assert rows["adversarial"][2] == "3" and rows["adversarial"][3] == "24"  # 2+14.2+8.1
+    # the sweep's @0 (= SAM) and @1 (= late switch) are late_switch's runs: counted once
+    assert rows["all, shared runs once"][0].startswith(str(
+        sum(len(reproduce.runs_of(e, "smoke")) for e in reproduce.EXPERIMENTS) - 4))
