@@ -4,7 +4,8 @@ On the same model and data: the Hessian-vector products (HVPs) each method needs
 top-k estimates are within 1e-3 (relative) of the converged values, for k = 1 and k = 5; and
 the time of one HVP relative to one forward + backward pass on the same batches.
 
-    python bench/bench_sharpness.py [--samples 512] [--train-epochs 2] [--save]
+    python bench/bench_sharpness.py [--model small_cnn] [--samples 512] [--train-epochs 2]
+                                    [--hvp-only] [--save]
 """
 
 from __future__ import annotations
@@ -36,28 +37,7 @@ def first_within(history: list, truth: torch.Tensor, rel: float) -> int | None:
     return None
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="small_cnn")
-    ap.add_argument("--samples", type=int, default=512)
-    ap.add_argument("--train-epochs", type=int, default=2,
-                    help="train the model briefly first (a random init has a boring Hessian)")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--save", action="store_true")
-    args = ap.parse_args(argv)
-    device = torch.device("cpu")
-    env = environment(device)
-    print(", ".join(f"{k}={v}" for k, v in env.items()))
-    out = Path("runs/bench_sharpness") / args.model
-    cfg = trainer.parse_config(["--data-dir", str(DEMO_DATA), "--model", args.model,
-                                "--epochs", str(args.train_epochs), "--optimizer", "sgd",
-                                "--out", str(out), "--quiet", "--device", "cpu"])
-    trainer.run(cfg)
-    model = trainer.build_model(args.model, 10)
-    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
-    train, _ = load_cifar(str(DEMO_DATA))
-    batches = list(eval_batches(stratified_subset(train, args.samples, seed=1), 256))
-
+def lanczos_vs_power(model, batches):
     truth = samfast.hessian_eigenvalues(model, F.cross_entropy, batches, k=5, max_iter=120,
                                         tol=1e-10)
     rows, raw = [], {"truth": truth.tolist()}
@@ -77,6 +57,36 @@ def main(argv=None) -> None:
                         "power_values": values.tolist()}
     table = markdown_table(["k", "Lanczos HVPs to 1e-3", "power-iteration HVPs (stop at 1e-4 "
                             "change)", "power max rel. error", "power / Lanczos"], rows)
+    return table, raw, truth
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="small_cnn")
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--train-epochs", type=int, default=2,
+                    help="train the model briefly first (a random init has a boring Hessian)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--hvp-only", action="store_true",
+                    help="only the HVP vs forward+backward timing (no Lanczos/power runs)")
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu")
+    env = environment(device)
+    print(", ".join(f"{k}={v}" for k, v in env.items()))
+    out = Path("runs/bench_sharpness") / args.model
+    cfg = trainer.parse_config(["--data-dir", str(DEMO_DATA), "--model", args.model,
+                                "--epochs", str(args.train_epochs), "--optimizer", "sgd",
+                                "--out", str(out), "--quiet", "--device", "cpu"])
+    trainer.run(cfg)
+    model = trainer.build_model(args.model, 10)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    train, _ = load_cifar(str(DEMO_DATA))
+    batches = list(eval_batches(stratified_subset(train, args.samples, seed=1), 256))
+
+    table, raw, truth = "(Lanczos vs power iteration: not run, --hvp-only)", {}, None
+    if not args.hvp_only:
+        table, raw, truth = lanczos_vs_power(model, batches)
 
     # One HVP against one forward + backward on the same batches, interleaved: as samfast
     # computes it by default (gradient graph kept between products, eval BatchNorm in its
@@ -117,7 +127,8 @@ def main(argv=None) -> None:
     text = (f"{args.model} ({cached.numel} params) trained {args.train_epochs} epochs on the "
             f"embedded CIFAR-10 subset; Hessian of the mean cross-entropy on {args.samples} "
             f"training images, BatchNorm in eval mode. Converged top-5: "
-            f"{', '.join(f'{t:.4g}' for t in truth.tolist())}\n\n{table}\n\n"
+            f"{', '.join(f'{t:.4g}' for t in truth.tolist()) if truth is not None else 'n/a'}"
+            f"\n\n{table}\n\n"
             f"One Hessian-vector product vs one forward+backward (median of {args.rounds}, "
             f"interleaved; the kept graphs took {build_s * 1e3:.0f} ms to build once, "
             f"{cached.graph_bytes / 2**20 * len(batches):.0f} MiB):\n\n{hvp_table}\n\n"
