@@ -243,6 +243,41 @@ def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = No
     return "\n".join(rows)
 
 
+def plot_vs_switch(root: Path, runs: dict, seeds: int, experiment: str) -> None:
+    """Final test error and sharpness against the switch epoch (mean and std over seeds):
+    ``switch_sweep`` (SGD -> SAM at epoch t) and ``early_sam`` (SAM -> SGD at epoch t)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "sam_start" if experiment == "switch_sweep" else "sam_end"
+    points = []
+    for name in runs:
+        sums = [json.loads((root / _slug(name) / f"seed{k}" / "summary.json").read_text())
+                for k in range(seeds)]
+        cfg = sums[0]["config"]
+        t = cfg[key] if cfg["optimizer"] != "sgd" else None
+        if t is None:
+            continue  # the plain SGD / SAM references of early_sam have no switch epoch
+        err = [100 - s["test_acc"] for s in sums]
+        sharp = [s["sharpness"] for s in sums if s.get("sharpness") is not None]
+        points.append((t, err, sharp))
+    points.sort()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, index, label in ((axes[0], 1, "test error (%)"), (axes[1], 2, "top Hessian eigenvalue")):
+        xs = [p[0] for p in points if p[index]]
+        means = [statistics.mean(p[index]) for p in points if p[index]]
+        stds = [statistics.stdev(p[index]) if len(p[index]) > 1 else 0.0
+                for p in points if p[index]]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3)
+        what = "SGD -> SAM at epoch" if experiment == "switch_sweep" else "SAM -> SGD at epoch"
+        ax.set(xlabel=what, ylabel=label, title=f"{experiment}: {label} ({seeds} seeds)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(root / "vs_switch.png", dpi=110)
+    plt.close(fig)
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -300,6 +335,8 @@ def main(argv=None) -> int:
     (root / "results.md").write_text(f"# {args.experiment} ({args.scale}, {seeds} seeds)\n\n"
                                      f"{table}\n")
     plot(root, runs, seeds, args.experiment)
+    if args.experiment in ("switch_sweep", "early_sam"):
+        plot_vs_switch(root, runs, seeds, args.experiment)
     print(table)
     return 0
 

@@ -42,6 +42,7 @@ def test_smoke_late_switch_and_adversarial_run_and_resume(tmp_path, capsys):
         assert ((sweep / mine / "seed0" / "summary.json").read_text()
                 == (root / theirs / "seed0" / "summary.json").read_text())
     assert "SGD->SAM@2" in (sweep / "results.md").read_text()
+    assert (sweep / "vs_switch.png").exists()
 
 
 def test_estimate_counts_epochs_by_their_measured_cost_and_shared_runs_once():
