@@ -42,27 +42,17 @@ constexpr long kLineBytes = 64;
 inline void stream_line(float* dst, const float* src) { SAMFAST_STREAM_LINE_F32(dst, src); }
 inline void stream_line(double* dst, const double* src) { SAMFAST_STREAM_LINE_F64(dst, src); }
 
-// for i in [begin, end): out[i] = f(i), where f may also update other streams in place. With
-// `stream`, out is written a cache line at a time with streaming stores (a scalar head up to
-// the first 64-byte boundary, then whole lines, then a scalar tail); f computes each line
-// into a local array first, which the compiler keeps in a vector register.
-template <typename T, typename F>
-inline void write_stream(T* __restrict__ out, long begin, long end, bool stream, F f) {
-  long i = begin;
-  if (stream) {
-    constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
-    const long misaligned = static_cast<long>(reinterpret_cast<unsigned long>(out + i) %
-                                              kLineBytes) / static_cast<long>(sizeof(T));
-    const long head = misaligned == 0 ? i : i + (kLine - misaligned);
-    for (; i < head && i < end; ++i) out[i] = f(i);
-    for (; i + kLine <= end; i += kLine) {
-      T line[kLine];
-      for (long l = 0; l < kLine; ++l) line[l] = f(i + l);
-      stream_line(out + i, line);
-    }
-    SAMFAST_STREAM_FENCE();
-  }
-  for (; i < end; ++i) out[i] = f(i);
+// Splits [begin, end) for streaming stores into `out`: [begin, *a) and [*b, end) are written
+// with plain stores, [*a, *b) in whole 64-byte lines (out + *a is 64-byte aligned).
+template <typename T>
+inline void line_range(const T* out, long begin, long end, long* a, long* b) {
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
+  const long misaligned = static_cast<long>(reinterpret_cast<unsigned long>(out + begin) %
+                                            kLineBytes) / static_cast<long>(sizeof(T));
+  long first = misaligned == 0 ? begin : begin + (kLine - misaligned);
+  if (first > end) first = end;
+  *a = first;
+  *b = first + (end - first) / kLine * kLine;
 }
 
 template <typename T>
@@ -110,20 +100,51 @@ long nonfinite(const T* __restrict__ g, long begin, long end) {
   return total;
 }
 
-// backup <- w; w <- w + (T(w)^2 g) * scale (backup is the write-only stream)
+template <typename T, bool kAdaptive>
+inline T ascent_element(T wi, T gi, T scale, T eta) {
+  T e = gi;
+  if (kAdaptive) {
+    const T t = absval(wi) + eta;
+    e = (t * t) * e;
+  }
+  return wi + e * scale;
+}
+
+// backup <- w; w <- w + (T(w)^2 g) * scale over [begin, end) with plain stores: a loop over
+// restrict-qualified pointers, which the compiler vectorizes.
+template <typename T, bool kAdaptive>
+void ascent_plain(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup,
+                  long begin, long end, T scale, T eta) {
+  for (long i = begin; i < end; ++i) {
+    const T wi = w[i];
+    backup[i] = wi;
+    w[i] = ascent_element<T, kAdaptive>(wi, g[i], scale, eta);
+  }
+}
+
+// The same; with `stream`, backup (the write-only stream) in whole lines of streaming stores.
 template <typename T, bool kAdaptive>
 void ascent(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup, long begin,
             long end, T scale, T eta, bool stream) {
-  write_stream(backup, begin, end, stream, [=](long i) {
-    const T wi = w[i];
-    T e = g[i];
-    if (kAdaptive) {
-      const T t = absval(wi) + eta;
-      e = (t * t) * e;
+  if (!stream) {
+    ascent_plain<T, kAdaptive>(w, g, backup, begin, end, scale, eta);
+    return;
+  }
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
+  long a, b;
+  line_range(backup, begin, end, &a, &b);
+  ascent_plain<T, kAdaptive>(w, g, backup, begin, a, scale, eta);
+  for (long i = a; i < b; i += kLine) {
+    T line[kLine];
+    for (long l = 0; l < kLine; ++l) {
+      const T wi = w[i + l];
+      line[l] = wi;
+      w[i + l] = ascent_element<T, kAdaptive>(wi, g[i + l], scale, eta);
     }
-    w[i] = wi + e * scale;
-    return wi;
-  });
+    stream_line(backup + i, line);
+  }
+  SAMFAST_STREAM_FENCE();
+  ascent_plain<T, kAdaptive>(w, g, backup, b, end, scale, eta);
 }
 
 // torch.optim.SGD's update of one element from the weight w0, in its order of operations
@@ -139,16 +160,40 @@ inline T sgd_element(T w0, T g, T& buf, T lr, T momentum, T dampening, T wd) {
   return w0 - lr * d;
 }
 
-// w <- backup, then the SGD update: four distinct streams, restrict-qualified; w is the
-// write-only one.
+// w <- backup, then the SGD update: four distinct streams, restrict-qualified; plain stores.
+template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
+void restore_sgd_plain(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ backup,
+                       T* __restrict__ buf, long begin, long end, T lr, T momentum,
+                       T dampening, T wd) {
+  for (long i = begin; i < end; ++i) {
+    w[i] = sgd_element<T, kMomentum, kNesterov, kFirst>(backup[i], g[i], buf[i], lr, momentum,
+                                                         dampening, wd);
+  }
+}
+
+// The same; with `stream`, w (the write-only stream) in whole lines of streaming stores.
 template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
 void restore_sgd(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ backup,
                  T* __restrict__ buf, long begin, long end, T lr, T momentum, T dampening,
                  T wd, bool stream) {
-  write_stream(w, begin, end, stream, [=](long i) {
-    return sgd_element<T, kMomentum, kNesterov, kFirst>(backup[i], g[i], buf[i], lr, momentum,
-                                                        dampening, wd);
-  });
+  long a = end, b = end;  // without streaming: all of [begin, end) in the plain loop
+  if (stream) line_range(w, begin, end, &a, &b);
+  restore_sgd_plain<T, kMomentum, kNesterov, kFirst>(w, g, backup, buf, begin, a, lr, momentum,
+                                                     dampening, wd);
+  if (!stream) return;
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
+  for (long i = a; i < b; i += kLine) {
+    T line[kLine];
+    for (long l = 0; l < kLine; ++l) {
+      line[l] = sgd_element<T, kMomentum, kNesterov, kFirst>(backup[i + l], g[i + l],
+                                                             buf[i + l], lr, momentum,
+                                                             dampening, wd);
+    }
+    stream_line(w + i, line);
+  }
+  SAMFAST_STREAM_FENCE();
+  restore_sgd_plain<T, kMomentum, kNesterov, kFirst>(w, g, backup, buf, b, end, lr, momentum,
+                                                     dampening, wd);
 }
 
 // A plain SGD step (the base phase): the weights are read and written in place.
