@@ -45,12 +45,20 @@ def train(backend, scaler, steps=6, sam=True):
 @pytest.mark.parametrize("sam", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scaled_training_matches_unscaled(backend, sam):
+    def flat(model):
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    start = flat(make_model())
     scaled, opt = train(backend, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12), sam=sam)
     plain, _ = train(backend, None, sam=sam)
     assert opt.skipped_steps == 0
-    for a, b in zip(scaled.parameters(), plain.parameters()):
-        # a missing unscale would be off by 4096x; fp16 rounding differs slightly with scaling
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-4)
+    # The total update with scaling against without: a missing unscale would make it 4096x
+    # larger. fp16 rounding differs with the scale and a few elements drift by several percent
+    # (seen on an AMD CPU: one of 216 at 4.5%; the whole update ~1e-3 relative), so compare
+    # the update as a whole.
+    moved_scaled, moved_plain = flat(scaled) - start, flat(plain) - start
+    assert moved_plain.norm() > 0.1
+    assert (moved_scaled - moved_plain).norm() < 1e-2 * moved_plain.norm()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
