@@ -41,7 +41,10 @@ def extension_kwargs() -> dict:
     # -ffp-contract=off: no fused multiply-adds, so the SSE2/AVX2/AVX-512 builds of a kernel and
     # its streaming-store variant give the same bits (found: GCC contracted the AVX-512
     # streaming fp64 restore + SGD into FMAs, 1 ulp off the other builds).
-    cxx = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off"]
+    # -fno-tree-loop-distribute-patterns: GCC split the ascent's `backup = w` out of its loop
+    # into a memmove, an extra pass over w (found in the disassembly).
+    cxx = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off",
+           "-fno-tree-loop-distribute-patterns"]
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         ext = cpp_extension.CUDAExtension(

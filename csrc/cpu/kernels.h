@@ -33,6 +33,12 @@
 #error "define SAMFAST_CPU_NS before including csrc/cpu/kernels.h"
 #endif
 
+// Lines are 64-byte vectors (below); in the SSE2 and AVX2 builds GCC warns that passing one
+// by value would change the ABI. Every function taking or returning a line is inline and
+// local to this ISA's namespace, so no call crosses builds. (Not popped: GCC emits the warning
+// at the end of the translation unit, and this header ends each kernels_*.cpp.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace samfast {
 namespace SAMFAST_CPU_NS {
 
@@ -55,9 +61,10 @@ inline void line_range(const T* out, long begin, long end, long* a, long* b) {
   *b = first + (end - first) / kLine * kLine;
 }
 
-template <typename T>
-inline T absval(T x) {
-  return x < T(0) ? -x : x;
+// |x| for a scalar or a line (lane-wise); -0.0 stays -0.0 in both.
+template <typename V>
+inline V absval(const V& x) {
+  return x < 0 ? -x : x;
 }
 
 // sum over [begin, end) of (T(w) g)^2 with T = |w| + eta if adaptive, in kLanes lanes.
@@ -100,109 +107,130 @@ long nonfinite(const T* __restrict__ g, long begin, long end) {
   return total;
 }
 
-template <typename T, bool kAdaptive>
-inline T ascent_element(T wi, T gi, T scale, T eta) {
-  T e = gi;
+// One 64-byte cache line as a GCC vector: 16 floats or 8 doubles. The line loops below work
+// on whole lines through it, so the compiler emits one zmm, two ymm or four xmm operations per
+// line by ISA, and the element formulas are written once for scalars and lines alike (vector
+// arithmetic is lane-wise IEEE arithmetic, so a line gives the bits the scalar code gives).
+// Written as plain per-element loops instead, GCC split the ascent's `backup[i] = w[i]` into
+// a memmove (a second pass over w) and compiled the streaming version to scalar code.
+typedef float LineF32 __attribute__((vector_size(kLineBytes)));
+typedef double LineF64 __attribute__((vector_size(kLineBytes)));
+template <typename T> struct LineOf;
+template <> struct LineOf<float> { using type = LineF32; };
+template <> struct LineOf<double> { using type = LineF64; };
+template <typename T> using Line = typename LineOf<T>::type;
+
+template <typename T>
+inline Line<T> load_line(const T* p) {
+  Line<T> v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Stores one line at p: a streaming store (p 64-byte aligned) or a plain one.
+template <bool kStream, typename T>
+inline void store_line(T* p, const Line<T>& v) {
+  if (kStream) {
+    stream_line(p, reinterpret_cast<const T*>(&v));
+  } else {
+    __builtin_memcpy(p, &v, sizeof v);
+  }
+}
+
+// w + scale * T(w)^2 g for one element or one line (V = T or Line<T>).
+template <bool kAdaptive, typename V, typename T>
+inline V ascent_element(const V& wi, const V& gi, T scale, T eta) {
+  V e = gi;
   if (kAdaptive) {
-    const T t = absval(wi) + eta;
+    const V t = absval(wi) + eta;
     e = (t * t) * e;
   }
   return wi + e * scale;
 }
 
-// backup <- w; w <- w + (T(w)^2 g) * scale over [begin, end) with plain stores: a loop over
-// restrict-qualified pointers, which the compiler vectorizes.
-template <typename T, bool kAdaptive>
-void ascent_plain(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup,
-                  long begin, long end, T scale, T eta) {
-  for (long i = begin; i < end; ++i) {
-    const T wi = w[i];
-    backup[i] = wi;
-    w[i] = ascent_element<T, kAdaptive>(wi, g[i], scale, eta);
-  }
-}
-
-// The same; with `stream`, backup (the write-only stream) in whole lines of streaming stores.
-template <typename T, bool kAdaptive>
-void ascent(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup, long begin,
-            long end, T scale, T eta, bool stream) {
-  if (!stream) {
-    ascent_plain<T, kAdaptive>(w, g, backup, begin, end, scale, eta);
-    return;
-  }
+// backup <- w; w <- w + (T(w)^2 g) * scale over [begin, end); with `stream`, backup (the
+// write-only stream) in streaming stores. Whole lines [a, b) aligned on backup, scalar ends.
+template <typename T, bool kAdaptive, bool kStream>
+void ascent_span(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ backup,
+                 long begin, long end, T scale, T eta) {
   constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
   long a, b;
   line_range(backup, begin, end, &a, &b);
-  ascent_plain<T, kAdaptive>(w, g, backup, begin, a, scale, eta);
-  for (long i = a; i < b; i += kLine) {
-    T line[kLine];
-    for (long l = 0; l < kLine; ++l) {
-      const T wi = w[i + l];
-      line[l] = wi;
-      w[i + l] = ascent_element<T, kAdaptive>(wi, g[i + l], scale, eta);
-    }
-    stream_line(backup + i, line);
+  for (long i = begin; i < a; ++i) {
+    backup[i] = w[i];
+    w[i] = ascent_element<kAdaptive>(backup[i], g[i], scale, eta);
   }
-  SAMFAST_STREAM_FENCE();
-  ascent_plain<T, kAdaptive>(w, g, backup, b, end, scale, eta);
+  for (long i = a; i < b; i += kLine) {
+    const Line<T> wi = load_line(w + i);
+    store_line<kStream>(backup + i, wi);
+    store_line<false>(w + i, ascent_element<kAdaptive>(wi, load_line(g + i), scale, eta));
+  }
+  if (kStream) SAMFAST_STREAM_FENCE();
+  for (long i = b; i < end; ++i) {
+    backup[i] = w[i];
+    w[i] = ascent_element<kAdaptive>(backup[i], g[i], scale, eta);
+  }
 }
 
-// torch.optim.SGD's update of one element from the weight w0, in its order of operations
-// (see csrc/samfast.cpp); the momentum buffer element is read and written through `buf`.
-template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
-inline T sgd_element(T w0, T g, T& buf, T lr, T momentum, T dampening, T wd) {
-  T d = g + wd * w0;
+template <typename T, bool kAdaptive>
+void ascent(T* w, const T* g, T* backup, long begin, long end, T scale, T eta, bool stream) {
+  if (stream) {
+    ascent_span<T, kAdaptive, true>(w, g, backup, begin, end, scale, eta);
+  } else {
+    ascent_span<T, kAdaptive, false>(w, g, backup, begin, end, scale, eta);
+  }
+}
+
+// torch.optim.SGD's update from the weight w0 (one element or one line, V = T or Line<T>), in
+// its order of operations (see csrc/samfast.cpp); the momentum buffer is read and written
+// through `buf`.
+template <bool kMomentum, bool kNesterov, bool kFirst, typename V, typename T>
+inline V sgd_element(const V& w0, const V& g, V& buf, T lr, T momentum, T dampening,
+                     T wd) {
+  V d = g + wd * w0;
   if (kMomentum) {
-    const T b = kFirst ? d : buf * momentum + (T(1) - dampening) * d;
+    const V b = kFirst ? d : buf * momentum + (T(1) - dampening) * d;
     buf = b;
     d = kNesterov ? d + momentum * b : b;
   }
   return w0 - lr * d;
 }
 
-// w <- backup, then the SGD update: four distinct streams, restrict-qualified; plain stores.
-template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
-void restore_sgd_plain(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ backup,
-                       T* __restrict__ buf, long begin, long end, T lr, T momentum,
-                       T dampening, T wd) {
-  for (long i = begin; i < end; ++i) {
-    w[i] = sgd_element<T, kMomentum, kNesterov, kFirst>(backup[i], g[i], buf[i], lr, momentum,
-                                                         dampening, wd);
-  }
-}
-
-// The same; with `stream`, w (the write-only stream) in whole lines of streaming stores.
-template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
-void restore_sgd(T* __restrict__ w, const T* __restrict__ g, const T* __restrict__ backup,
-                 T* __restrict__ buf, long begin, long end, T lr, T momentum, T dampening,
-                 T wd, bool stream) {
-  long a = end, b = end;  // without streaming: all of [begin, end) in the plain loop
-  if (stream) line_range(w, begin, end, &a, &b);
-  restore_sgd_plain<T, kMomentum, kNesterov, kFirst>(w, g, backup, buf, begin, a, lr, momentum,
-                                                     dampening, wd);
-  if (!stream) return;
+// w <- backup, then the SGD update; with `stream`, w (the write-only stream) in streaming
+// stores. `backup == w` is a plain SGD step in place (then never streamed: w is read too).
+template <typename T, bool kMomentum, bool kNesterov, bool kFirst, bool kStream>
+void restore_sgd_span(T* w, const T* g, const T* backup, T* buf, long begin, long end, T lr,
+                      T momentum, T dampening, T wd) {
   constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
-  for (long i = a; i < b; i += kLine) {
-    T line[kLine];
-    for (long l = 0; l < kLine; ++l) {
-      line[l] = sgd_element<T, kMomentum, kNesterov, kFirst>(backup[i + l], g[i + l],
-                                                             buf[i + l], lr, momentum,
-                                                             dampening, wd);
-    }
-    stream_line(w + i, line);
-  }
-  SAMFAST_STREAM_FENCE();
-  restore_sgd_plain<T, kMomentum, kNesterov, kFirst>(w, g, backup, buf, b, end, lr, momentum,
+  long a, b;
+  line_range(w, begin, end, &a, &b);
+  auto scalar = [&](long i) {
+    T m = kMomentum ? buf[i] : T(0);
+    w[i] = sgd_element<kMomentum, kNesterov, kFirst>(backup[i], g[i], m, lr, momentum,
                                                      dampening, wd);
+    if (kMomentum) buf[i] = m;
+  };
+  for (long i = begin; i < a; ++i) scalar(i);
+  for (long i = a; i < b; i += kLine) {
+    Line<T> m = kMomentum ? load_line(buf + i) : Line<T>{};
+    const Line<T> out = sgd_element<kMomentum, kNesterov, kFirst>(
+        load_line(backup + i), load_line(g + i), m, lr, momentum, dampening, wd);
+    if (kMomentum) store_line<false>(buf + i, m);
+    store_line<kStream>(w + i, out);
+  }
+  if (kStream) SAMFAST_STREAM_FENCE();
+  for (long i = b; i < end; ++i) scalar(i);
 }
 
-// A plain SGD step (the base phase): the weights are read and written in place.
 template <typename T, bool kMomentum, bool kNesterov, bool kFirst>
-void sgd_in_place(T* w, const T* __restrict__ g, T* __restrict__ buf, long begin, long end,
-                  T lr, T momentum, T dampening, T wd) {
-  for (long i = begin; i < end; ++i) {
-    w[i] = sgd_element<T, kMomentum, kNesterov, kFirst>(w[i], g[i], buf[i], lr, momentum,
-                                                        dampening, wd);
+void restore_sgd(T* w, const T* g, const T* backup, T* buf, long begin, long end, T lr,
+                 T momentum, T dampening, T wd, bool stream) {
+  if (stream && backup != w) {
+    restore_sgd_span<T, kMomentum, kNesterov, kFirst, true>(w, g, backup, buf, begin, end, lr,
+                                                            momentum, dampening, wd);
+  } else {
+    restore_sgd_span<T, kMomentum, kNesterov, kFirst, false>(w, g, backup, buf, begin, end,
+                                                             lr, momentum, dampening, wd);
   }
 }
 
@@ -226,11 +254,8 @@ void ascent_any(T* w, const T* g, T* backup, long begin, long end, T scale, bool
 template <typename T>
 void restore_sgd_any(T* w, const T* g, const T* backup, T* buf, long begin, long end, T lr,
                      T momentum, T dampening, T wd, bool nesterov, bool first, bool stream) {
-  const bool in_place = backup == w;
-#define SAMFAST_SGD_CASE(M, N, F)                                                        \
-  (in_place ? sgd_in_place<T, M, N, F>(w, g, buf, begin, end, lr, momentum, dampening, wd) \
-            : restore_sgd<T, M, N, F>(w, g, backup, buf, begin, end, lr, momentum,       \
-                                      dampening, wd, stream))
+#define SAMFAST_SGD_CASE(M, N, F) \
+  restore_sgd<T, M, N, F>(w, g, backup, buf, begin, end, lr, momentum, dampening, wd, stream)
   if (momentum == T(0)) {
     SAMFAST_SGD_CASE(false, false, false);
   } else if (first) {

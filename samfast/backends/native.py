@@ -64,7 +64,8 @@ def _jit_build() -> None:
         sources += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
     if not sources:
         raise RuntimeError(f"no sources under {root}")
-    cflags = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off"]  # why: see setup.py
+    cflags = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off",  # why: see setup.py
+              "-fno-tree-loop-distribute-patterns"]
     cpp_extension.load("samfast_C_jit", sources, extra_cflags=cflags,
                        extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"],
                        is_python_module=False)
