@@ -32,9 +32,9 @@ namespace samfast {
 #define SAMFAST_DECLARE_CPU_KERNELS(NS)                                                   \
   namespace NS {                                                                          \
   template <typename T>                                                                   \
-  T sq_norm_any(const T*, const T*, long, long, bool, T);                                 \
+  void sq_norm_blocks_any(const T*, const T*, long, long, long, long, bool, T, T*);       \
   template <typename T>                                                                   \
-  long nonfinite(const T*, long, long);                                                   \
+  void nonfinite_blocks(const T*, long, long, long, long, long*);                         \
   template <typename T>                                                                   \
   void ascent_any(T*, const T*, T*, long, long, T, bool, T, bool);                        \
   template <typename T>                                                                   \
@@ -150,14 +150,13 @@ bool is_wide(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-// Deterministic blocked reduction with a per-block function f(begin, end).
+// Deterministic blocked reduction whose block sums come from f(b0, b1, out), which writes the
+// sums of blocks [b0, b1) to out[b0, b1) (the kernels of csrc/cpu/kernels.h).
 template <typename acc_t, typename F>
 acc_t blocked_reduce(int64_t n, F f) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<acc_t> partial(blocks, 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) partial[b] = f(b * kBlock, std::min(n, (b + 1) * kBlock));
-  });
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) { f(b0, b1, partial.data()); });
   acc_t total = 0;
   for (acc_t p : partial) total += p;
   return total;
@@ -184,8 +183,10 @@ at::Tensor sq_norm_cpu(const at::Tensor& g, const at::Tensor& w, bool adaptive, 
       const auto* gp = g.const_data_ptr<scalar_t>();
       const auto* wp = w.const_data_ptr<scalar_t>();
       const auto e = static_cast<scalar_t>(eta);
-      out.fill_(blocked_reduce<scalar_t>(g.numel(), [=](int64_t b, int64_t end) {
-        return SAMFAST_CPU_CALL(sq_norm_any<scalar_t>, gp, wp, b, end, adaptive, e);
+      const int64_t n = g.numel();
+      out.fill_(blocked_reduce<scalar_t>(n, [=](int64_t b0, int64_t b1, scalar_t* partial) {
+        SAMFAST_CPU_CALL(sq_norm_blocks_any<scalar_t>, gp, wp, n, kBlock, b0, b1, adaptive, e,
+                         partial);
       }));
     });
     return out;
@@ -207,8 +208,9 @@ at::Tensor nonfinite_cpu(const at::Tensor& g) {
   if (is_wide(g)) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "nonfinite", [&] {
       const auto* gp = g.const_data_ptr<scalar_t>();
-      count = blocked_reduce<int64_t>(g.numel(), [=](int64_t b, int64_t end) {
-        return static_cast<int64_t>(SAMFAST_CPU_CALL(nonfinite<scalar_t>, gp, b, end));
+      const int64_t n = g.numel();
+      count = blocked_reduce<long>(n, [=](int64_t b0, int64_t b1, long* partial) {
+        SAMFAST_CPU_CALL(nonfinite_blocks<scalar_t>, gp, n, kBlock, b0, b1, partial);
       });
     });
     return at::full({}, static_cast<double>(count), g.options().dtype(at::kFloat));

@@ -123,18 +123,49 @@ def test_plain_sgd_step_with_backup_aliasing_w(backend):
 
 
 @pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")
-def test_native_sq_norm_is_independent_of_thread_count():
-    g = torch.randn(300007)
-    w = torch.randn(300007)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_native_reductions_over_many_blocks(dtype):
+    """The CPU reductions sum blocks of 32768 elements, four adjacent blocks at a time; how
+    blocks group depends on the thread count (each thread takes a range of blocks). A buffer
+    that is zero but for one block shows that block's sum itself (a total over all blocks
+    would absorb a last-bit difference), so equal bits across thread counts for every block
+    show that a block's sum does not depend on its grouping."""
+    block, n = 32768, 9 * 32768 + 5095  # nine full blocks and a partial one
+    gen = torch.Generator().manual_seed(17)
+    g, w = rand(n, dtype, gen), rand(n, dtype, gen)
+    bad = g.clone()
+    where = torch.tensor([0, 32767, 4 * 32768 + 3, 8 * 32768 + 100, n - 1])
+    bad[where] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan"),
+                               float("inf")], dtype=dtype)
+    probes = []
+    for b in range(10):
+        probe = torch.zeros_like(g)
+        probe[b * block:(b + 1) * block] = g[b * block:(b + 1) * block]
+        probes.append(probe)
+
+    def reductions():
+        return ([torch.ops.samfast.sq_norm(x, w, adaptive, 0.01)
+                 for x in [g] + probes for adaptive in (False, True)],
+                float(torch.ops.samfast.nonfinite(bad)))
+
     threads = torch.get_num_threads()
     try:
         results = []
-        for t in (1, 2, 3):
+        for t in (1, 2, 3, 4, 5):
             torch.set_num_threads(t)
-            results.append(torch.ops.samfast.sq_norm(g, w, True, 0.01))
+            results.append(reductions())
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(results[0], r) for r in results)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    sums, count = results[0]
+    want = [float((t * x.double()).pow(2).sum())
+            for x in [g] + probes for t in (1.0, w.double().abs() + 0.01)]
+    for got, exact in zip(sums, want):
+        assert abs(float(got) - exact) <= tol * exact
+    assert count == len(where)
+    for other_sums, other_count in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(sums, other_sums))
+        assert other_count == len(where)
 
 
 @pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")

@@ -67,46 +67,6 @@ inline V absval(const V& x) {
   return x < 0 ? -x : x;
 }
 
-// sum over [begin, end) of (T(w) g)^2 with T = |w| + eta if adaptive, in kLanes lanes.
-template <typename T, bool kAdaptive>
-T sq_norm(const T* __restrict__ g, const T* __restrict__ w, long begin, long end, T eta) {
-  T lanes[kLanes] = {};
-  long i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (long l = 0; l < kLanes; ++l) {
-      T x = g[i + l];
-      if (kAdaptive) x *= absval(w[i + l]) + eta;
-      lanes[l] += x * x;
-    }
-  }
-  T tail = 0;
-  for (; i < end; ++i) {
-    T x = g[i];
-    if (kAdaptive) x *= absval(w[i]) + eta;
-    tail += x * x;
-  }
-  T total = 0;
-  for (long l = 0; l < kLanes; ++l) total += lanes[l];
-  return total + tail;
-}
-
-// How many of g[begin, end) are +-inf or NaN: !(|x| < inf), a compare and a masked add.
-// Counted in T lanes (exact: a lane sees at most end - begin < 2^24 elements per call, see
-// kBlock) because int64 lanes would need a widening conversion per element.
-template <typename T>
-long nonfinite(const T* __restrict__ g, long begin, long end) {
-  const T inf = static_cast<T>(__builtin_inf());
-  T lanes[kLanes] = {};
-  long i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (long l = 0; l < kLanes; ++l) lanes[l] += absval(g[i + l]) < inf ? T(0) : T(1);
-  }
-  long total = 0;
-  for (; i < end; ++i) total += !(absval(g[i]) < inf);
-  for (long l = 0; l < kLanes; ++l) total += static_cast<long>(lanes[l]);
-  return total;
-}
-
 // One 64-byte cache line as a GCC vector: 16 floats or 8 doubles. The line loops below work
 // on whole lines through it, so the compiler emits one zmm, two ymm or four xmm operations per
 // line by ISA, and the element formulas are written once for scalars and lines alike (vector
@@ -135,6 +95,92 @@ inline void store_line(T* p, const Line<T>& v) {
   } else {
     __builtin_memcpy(p, &v, sizeof v);
   }
+}
+
+// The reductions, over fixed blocks of `block` elements (a multiple of kLanes) of [0, n):
+// a block is summed in kLanes interleaved lanes (lane l takes the elements i + l), then its
+// lanes in order, then its tail elements one by one. block_sums writes the sums of blocks
+// [b0, b1) to out[b0, b1), kStreams adjacent full blocks at a time in one loop, each in its own
+// lanes: several read streams keep more cache misses in flight than one. Measured on 11M
+// floats, cold caches, AMD EPYC, 2 threads, against one block at a time, three runs: sum of
+// squares 1.55/1.42/1.56 -> 1.48/1.33/1.38 ms, non-finite count 1.49/1.36/1.42 ->
+// 1.45/1.34/1.34 ms (8 streams no better than 4). A block's sum has the same bits however the
+// blocks are grouped or split over threads (tests/test_kernels.py checks it).
+constexpr long kStreams = 4;
+
+template <typename T, typename Acc, typename Term, typename LineTerm>
+Acc range_sum(long begin, long end, Term term, LineTerm line_term) {
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
+  Line<T> lanes[kLanes / kLine] = {};
+  long i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (long j = 0; j < kLanes / kLine; ++j) lanes[j] += line_term(i + j * kLine);
+  }
+  Acc tail = 0;
+  for (; i < end; ++i) tail += static_cast<Acc>(term(i));
+  Acc total = 0;
+  for (long j = 0; j < kLanes / kLine; ++j) {
+    for (long m = 0; m < kLine; ++m) total += static_cast<Acc>(lanes[j][m]);
+  }
+  return total + tail;
+}
+
+template <typename T, typename Acc, typename Term, typename LineTerm>
+void block_sums(long n, long block, long b0, long b1, Acc* out, Term term, LineTerm line_term) {
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(T));
+  long b = b0;
+  for (; b + kStreams <= b1 && (b + kStreams) * block <= n; b += kStreams) {
+    Line<T> lanes[kStreams][kLanes / kLine] = {};
+    for (long i = b * block; i < (b + 1) * block; i += kLanes) {
+      for (long k = 0; k < kStreams; ++k) {
+        for (long j = 0; j < kLanes / kLine; ++j) {
+          lanes[k][j] += line_term(i + k * block + j * kLine);
+        }
+      }
+    }
+    for (long k = 0; k < kStreams; ++k) {
+      Acc total = 0;
+      for (long j = 0; j < kLanes / kLine; ++j) {
+        for (long m = 0; m < kLine; ++m) total += static_cast<Acc>(lanes[k][j][m]);
+      }
+      out[b + k] = total + Acc(0);  // + the (empty) tail, as range_sum adds it
+    }
+  }
+  for (; b < b1; ++b) {
+    out[b] = range_sum<T, Acc>(b * block, (b + 1) * block < n ? (b + 1) * block : n, term,
+                               line_term);
+  }
+}
+
+// Per block: the sum of (T(w) g)^2, T = |w| + eta if adaptive (ASAM), else 1.
+template <typename T, bool kAdaptive>
+void sq_norm_blocks(const T* g, const T* w, long n, long block, long b0, long b1, T eta,
+                    T* out) {
+  auto term = [=](long i) {
+    T x = g[i];
+    if (kAdaptive) x *= absval(w[i]) + eta;
+    return x * x;
+  };
+  auto line_term = [=](long i) {
+    Line<T> x = load_line(g + i);
+    if (kAdaptive) x *= absval(load_line(w + i)) + eta;
+    return x * x;
+  };
+  block_sums<T, T>(n, block, b0, b1, out, term, line_term);
+}
+
+// Per block: how many of g are +-inf or NaN, !(|x| < inf) (a compare and a masked add),
+// counted in T lanes (exact: a lane sees block / kLanes < 2^24 elements) because int64 lanes
+// would need a widening conversion per element.
+template <typename T>
+void nonfinite_blocks(const T* g, long n, long block, long b0, long b1, long* out) {
+  const T inf = static_cast<T>(__builtin_inf());
+  auto term = [=](long i) { return absval(g[i]) < inf ? T(0) : T(1); };
+  auto line_term = [=](long i) {
+    const Line<T> zero = {};
+    return absval(load_line(g + i)) < inf ? zero : zero + T(1);
+  };
+  block_sums<T, long>(n, block, b0, b1, out, term, line_term);
 }
 
 // w + scale * T(w)^2 g for one element or one line (V = T or Line<T>).
@@ -236,9 +282,10 @@ void restore_sgd(T* w, const T* g, const T* backup, T* buf, long begin, long end
 
 // Entry points with the flags as run-time arguments, instantiated for float and double.
 template <typename T>
-T sq_norm_any(const T* g, const T* w, long begin, long end, bool adaptive, T eta) {
-  return adaptive ? sq_norm<T, true>(g, w, begin, end, eta)
-                  : sq_norm<T, false>(g, w, begin, end, eta);
+void sq_norm_blocks_any(const T* g, const T* w, long n, long block, long b0, long b1,
+                        bool adaptive, T eta, T* out) {
+  adaptive ? sq_norm_blocks<T, true>(g, w, n, block, b0, b1, eta, out)
+           : sq_norm_blocks<T, false>(g, w, n, block, b0, b1, eta, out);
 }
 
 template <typename T>
@@ -266,10 +313,12 @@ void restore_sgd_any(T* w, const T* g, const T* backup, T* buf, long begin, long
 #undef SAMFAST_SGD_CASE
 }
 
-template float sq_norm_any<float>(const float*, const float*, long, long, bool, float);
-template double sq_norm_any<double>(const double*, const double*, long, long, bool, double);
-template long nonfinite<float>(const float*, long, long);
-template long nonfinite<double>(const double*, long, long);
+template void sq_norm_blocks_any<float>(const float*, const float*, long, long, long, long, bool,
+                                        float, float*);
+template void sq_norm_blocks_any<double>(const double*, const double*, long, long, long, long,
+                                         bool, double, double*);
+template void nonfinite_blocks<float>(const float*, long, long, long, long, long*);
+template void nonfinite_blocks<double>(const double*, long, long, long, long, long*);
 template void ascent_any<float>(float*, const float*, float*, long, long, float, bool, float,
                                 bool);
 template void ascent_any<double>(double*, const double*, double*, long, long, double, bool,
