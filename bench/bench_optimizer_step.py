@@ -7,16 +7,11 @@ For the parameter lists of CIFAR models, side by side in one interleaved run:
   * torch.optim.SGD(fused=True) alone: one SGD step, the floor (a SAM step must move about
     twice the bytes of an SGD step),
   * a plain device copy of a parameter-sized buffer, for the memory bandwidth of this run,
-  * a read pass (sum) over one, for the read-traffic floor below.
+  * a read pass (sum) over one (the norm and the finiteness check are such passes).
 
 Effective bandwidth = bytes that must move / time, in units of one parameter-sized buffer P:
 a SAM step with SGD-momentum must move 10 P (norm reads g; ascent reads w, g and writes backup,
 w; restore + SGD reads backup, g, momentum and writes w, momentum), an SGD step 5 P, a copy 2 P.
-
-Read-traffic floor: samfast's step reads 7 P (norm: g; ascent: w, g; finiteness check of the
-second gradients: g; restore + SGD: backup, g, momentum), an SGD step 3 P. Where reads bound
-the time and writes overlap them (the CPU CI machine: see README), the floor is 7 read passes,
-printed below each table as a multiple of the SGD step.
 
     python bench/bench_optimizer_step.py [--models wrn16_8 resnet20] [--device cpu] [--save]
 """
@@ -75,7 +70,6 @@ def implementations(model_name: str, device: torch.device) -> dict:
 
 # Parameter-sized buffers each implementation must read + write (see the module docstring).
 MUST_MOVE = {"SGD(fused) alone": 5, "copy (bandwidth)": 2, "read pass (sum)": 1}
-SAM_READS = 7
 SAM_MUST_MOVE = 10
 
 
@@ -105,9 +99,6 @@ def main(argv=None) -> None:
             rows.append([name, median(s) * 1e3, loop / median(s), median(s) / floor, gbps])
         table = markdown_table(["implementation", "median ms", "speed-up vs loop",
                                 "x SGD(fused) step", "effective GB/s"], rows)
-        reads = SAM_READS * median(samples["read pass (sum)"])
-        table += (f"\n\nRead-traffic floor of samfast's step: {SAM_READS} read passes = "
-                  f"{reads * 1e3:.3f} ms = {reads / floor:.2f}x the SGD(fused) step.")
         title = f"## {model_name}: {n_params / 1e6:.2f} M params in {n_tensors} tensors, fp32"
         sections.append(f"{title}\n\n{table}")
         print(f"\n{title}\n\n{table}", flush=True)
