@@ -55,7 +55,8 @@ def test_ascent(benchmark, buffers, backend):
 def test_restore_and_sgd(benchmark, buffers, backend):
     ops = resolve_backend(backend, {DEVICE}).ops
     w, g, backup, buf, skip = buffers
-    _run(benchmark, lambda: ops.restore_sgd_(w, g, backup, buf, skip, 0.1, 0.9, 0.0, 5e-4,
+    lr = torch.tensor(0.1, dtype=torch.float64, device=DEVICE)
+    _run(benchmark, lambda: ops.restore_sgd_(w, g, backup, buf, skip, lr, 0.9, 0.0, 5e-4,
                                              True, False))
 
 

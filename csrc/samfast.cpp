@@ -326,12 +326,16 @@ void restore_sgd_dispatch(at::Tensor& w, const at::Tensor& g, const at::Tensor& 
 }
 
 void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
-                     at::Tensor& buf, const at::Tensor& skip, double lr, double momentum,
-                     double dampening, double weight_decay, bool nesterov, bool first) {
+                     at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr_t,
+                     double momentum, double dampening, double weight_decay, bool nesterov,
+                     bool first) {
   check_flat(w, w, "w");
   check_flat(g, w, "g");
   check_flat(backup, w, "backup");
   if (momentum != 0) check_flat(buf, w, "buf");
+  TORCH_CHECK(lr_t.numel() == 1 && lr_t.device() == w.device(),
+              "samfast: lr must be a one-element tensor on ", w.device());
+  const double lr = lr_t.item<double>();
   if (skip.item<bool>()) {
     if (!backup.is_same(w)) w.copy_(backup);
     return;
@@ -364,8 +368,10 @@ TORCH_LIBRARY(samfast, m) {
   m.def("nonfinite(Tensor g) -> Tensor");
   m.def("ascent_(Tensor(a!) w, Tensor g, Tensor(b!) backup, Tensor scale, Tensor skip, "
         "bool adaptive, float eta) -> ()");
+  // lr is a tensor (the kernels read it on the device: no host sync, and a CUDA graph replays
+  // the current value of a tensor lr that a scheduler updates in place).
   m.def("restore_sgd_(Tensor(a!) w, Tensor g, Tensor backup, Tensor(b!) buf, Tensor skip, "
-        "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+        "Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
         "bool first) -> ()");
 }
 

@@ -32,8 +32,20 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number >= {minimum:g})")
 
 
+def _check_tensor_or_number(name: str, value: Any) -> None:
+    """A number, or a one-element floating tensor (e.g. for CUDA graphs, where a scheduler
+    updates it in place); its value is checked once, here."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point() or value.requires_grad:
+            raise ValueError(f"Invalid {name}: a tensor {name} must be a one-element floating "
+                             f"tensor that does not require grad (got shape "
+                             f"{tuple(value.shape)}, dtype {value.dtype})")
+        value = float(value)
+    _check_number(name, value)
+
+
 def _check_group(group: dict) -> None:
-    _check_number("rho", group["rho"])
+    _check_tensor_or_number("rho", group["rho"])
     _check_number("eta", group["eta"])
     _check_number("eps", group["sam_eps"])
     for flag in ("adaptive", "normalize"):
@@ -75,7 +87,9 @@ class SAM(torch.optim.Optimizer):
     Args:
         params: tensors or param-group dicts (groups may set any SAM or base option).
         base_optimizer: a ``torch.optim.Optimizer`` class (or factory ``f(param_groups, **kw)``).
-        rho: neighbourhood radius, >= 0.
+        rho: neighbourhood radius, >= 0: a float, or a one-element tensor (as ``lr`` may be:
+            the fused backends read both on the device, so a CUDA graph of the step replays
+            their current values; put them on the params' device).
         adaptive: ASAM's scale-invariant neighbourhood T(w) = |w| + eta.
         eta: ASAM's offset, >= 0.
         normalize: divide by N (SAM/ASAM); False gives unnormalized SAM (USAM).
@@ -87,7 +101,7 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-                 rho: float = 0.05, adaptive: bool = False, eta: float = 0.0,
+                 rho: float | Tensor = 0.05, adaptive: bool = False, eta: float = 0.0,
                  normalize: bool = True, eps: float = 1e-12, backend: str = "auto",
                  **base_kwargs: Any) -> None:
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):

@@ -47,9 +47,13 @@ def _grads_for(model, step):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_sam_step_is_cuda_graph_capturable(backend):
+    """Captured once, replayed with new gradients and with lr and rho (CUDA tensors) changed
+    in place between replays, as an LR scheduler does: the replays follow eager steps."""
     eager, graphed = _model(), _model()
-    opts = [samfast.SAM(m.parameters(), backend=backend, lr=0.1, momentum=0.9, nesterov=True)
-            for m in (eager, graphed)]
+    hyper = [(torch.tensor(0.1, device="cuda"), torch.tensor(0.05, device="cuda"))
+             for _ in range(2)]
+    opts = [samfast.SAM(m.parameters(), backend=backend, lr=lr, rho=rho, momentum=0.9,
+                        nesterov=True) for m, (lr, rho) in zip((eager, graphed), hyper)]
 
     def step(model, opt, grads):
         for p, g in zip(model.parameters(), grads):
@@ -72,6 +76,9 @@ def test_sam_step_is_cuda_graph_capturable(backend):
     torch.cuda.current_stream().wait_stream(stream)
     # capture recorded the step without running it; replays now run it
     for s in range(3, 8):
+        for lr, rho in hyper:
+            lr.fill_(0.1 * 0.7 ** s)
+            rho.fill_(0.05 + 0.01 * s)
         grads = _grads_for(eager, s)
         step(eager, opts[0], grads)
         for buf, g in zip(static, grads):

@@ -88,10 +88,11 @@ def test_restore_sgd(backend, dtype, n):
     gen = torch.Generator().manual_seed(11 * n)
     w, g, backup, buf = (rand(n, dtype, gen) for _ in range(4))
     lr, mom, damp, wd = 0.1, 0.9, 0.1, 5e-4
+    lr_t = torch.tensor(lr, dtype=torch.float64)  # the kernels read lr on the device
     for momentum, nesterov, first in ((0.0, False, False), (mom, False, False),
                                       (mom, True, False), (mom, False, True)):
         w1, buf1 = w.clone(), buf.clone()
-        ops.restore_sgd_(w1, g, backup, buf1, torch.tensor(False), lr, momentum, damp, wd,
+        ops.restore_sgd_(w1, g, backup, buf1, torch.tensor(False), lr_t, momentum, damp, wd,
                          nesterov, first)
         d = g.double() + wd * backup.double()
         if momentum:
@@ -105,7 +106,7 @@ def test_restore_sgd(backend, dtype, n):
         assert_storage_close(w1, backup.double() - lr * d,
                              backup.double().abs() + lr * (d.abs() + g.double().abs()))
         w2, buf2 = w.clone(), buf.clone()
-        ops.restore_sgd_(w2, g, backup, buf2, torch.tensor(True), lr, momentum, damp, wd,
+        ops.restore_sgd_(w2, g, backup, buf2, torch.tensor(True), lr_t, momentum, damp, wd,
                          nesterov, first)
         assert torch.equal(w2, backup) and torch.equal(buf2, buf), "skip: restore only"
 
@@ -116,7 +117,8 @@ def test_plain_sgd_step_with_backup_aliasing_w(backend):
     gen = torch.Generator().manual_seed(3)
     w, g, buf = (rand(1000, torch.float32, gen) for _ in range(3))
     w1, buf1 = w.clone(), buf.clone()
-    ops.restore_sgd_(w1, g, w1, buf1, torch.tensor(False), 0.1, 0.9, 0.0, 0.0, False, False)
+    ops.restore_sgd_(w1, g, w1, buf1, torch.tensor(False), torch.tensor(0.1, dtype=torch.float64),
+                     0.9, 0.0, 0.0, False, False)
     b = 0.9 * buf.double() + g.double()
     torch.testing.assert_close(w1.double(), w.double() - 0.1 * buf1.double())
     torch.testing.assert_close(buf1.double(), b)
@@ -178,8 +180,8 @@ def test_native_opcheck():
                           (w.clone(), g, backup.clone(), torch.tensor(0.1), torch.tensor(False),
                            False, 0.0))
     torch.library.opcheck(torch.ops.samfast.restore_sgd_,
-                          (w.clone(), g, backup, buf.clone(), torch.tensor(False), 0.1, 0.9,
-                           0.0, 1e-4, True, False))
+                          (w.clone(), g, backup, buf.clone(), torch.tensor(False),
+                           torch.tensor(0.1, dtype=torch.float64), 0.9, 0.0, 1e-4, True, False))
 
 
 _BUILD_SCRIPT = r"""
@@ -187,6 +189,7 @@ import sys, torch, samfast
 assert samfast.backends.native.load_error() is None
 C = torch.ops.samfast
 out = {}
+lr = torch.tensor(0.1, dtype=torch.float64)
 for dtype in (torch.float32, torch.float64):
     gen = torch.Generator().manual_seed(5)
     w, g, b, m = (torch.randn(100003 + 64, generator=gen, dtype=torch.float64).to(dtype)
@@ -202,7 +205,7 @@ for dtype in (torch.float32, torch.float64):
         out[f"{dtype}-{s}-nonfinite"] = C.nonfinite(g[s:e])
         for mom, nesterov, first in ((0.0, False, False), (0.9, True, False), (0.9, False, True)):
             ws, ms = w.clone(), m.clone()
-            C.restore_sgd_(ws[s:e], g[s:e], b[s:e], ms[s:e], torch.tensor(False), 0.1, mom,
+            C.restore_sgd_(ws[s:e], g[s:e], b[s:e], ms[s:e], torch.tensor(False), lr, mom,
                            0.1, 5e-4, nesterov, first)
             out[f"{dtype}-{s}-{mom}-{nesterov}-{first}-restore"] = (ws, ms)
 torch.save(out, sys.argv[1])

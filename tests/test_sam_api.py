@@ -295,6 +295,15 @@ def test_invalid_hyper_parameters_raise_at_construction(kwargs, name):
         samfast.SAM(_params(), **{"lr": 0.1, **kwargs})
 
 
+@pytest.mark.parametrize("rho", [torch.tensor(-0.1), torch.tensor([0.05, 0.05]),
+                                 torch.tensor(float("nan")), torch.tensor(1),
+                                 torch.tensor(0.05, requires_grad=True)],
+                         ids=["negative", "two-elements", "nan", "integer", "requires-grad"])
+def test_invalid_tensor_rho_raises_at_construction(rho):
+    with pytest.raises(ValueError, match="rho"):
+        samfast.SAM(_params(), lr=0.1, rho=rho)
+
+
 def test_invalid_group_options_raise():
     with pytest.raises(ValueError, match="rho"):
         samfast.SAM([{"params": _params(), "rho": -1.0}], lr=0.1)
@@ -428,3 +437,36 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# -- tensor hyper-parameters (what CUDA graphs need: the kernels read them on the device) ------
+
+def _run_with(backend, lr, rho, normalize, scheduler=False, steps=4):
+    model = make_model()
+    opt = samfast.SAM(model.parameters(), backend=backend, lr=lr, rho=rho, normalize=normalize,
+                      momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler else None
+    for step in range(steps):
+        closure_step(model, opt, *batch(step))
+        if sched is not None:
+            sched.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["sam", "usam"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_lr_and_rho_give_the_float_results(backend, normalize):
+    """lr and rho as one-element tensors (fp32 and fp64 alike, as an LR scheduler leaves
+    them) train exactly as the same floats; a scheduler's in-place updates of the tensor lr
+    are seen by every step."""
+    for scheduler in (False, True):
+        want, _ = _run_with(backend, 0.05, 0.1, normalize, scheduler)
+        lr = torch.tensor(0.05, dtype=torch.float64)
+        got, opt = _run_with(backend, lr, torch.tensor(0.1, dtype=torch.float64), normalize,
+                             scheduler)
+        assert opt.param_groups[0]["lr"] is lr  # updated in place, not replaced
+        if scheduler:
+            assert float(lr) == 0.05 * 0.5 ** 4
+        for a, b in zip(want.parameters(), got.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+

@@ -99,12 +99,13 @@ template <typename scalar_t, bool kMomentum, bool kNesterov, bool kFirst>
 __global__ void restore_sgd_kernel(scalar_t* w, const scalar_t* __restrict__ g,
                                    const scalar_t* backup, scalar_t* __restrict__ buf,
                                    int64_t n, const bool* __restrict__ skip,
-                                   at::opmath_type<scalar_t> lr,
+                                   const double* __restrict__ lr_ptr,
                                    at::opmath_type<scalar_t> momentum,
                                    at::opmath_type<scalar_t> dampening,
                                    at::opmath_type<scalar_t> wd) {
   using opmath_t = at::opmath_type<scalar_t>;
   const bool skipped = *skip;
+  const opmath_t lr = static_cast<opmath_t>(*lr_ptr);  // as the CPU kernels round a double lr
   for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * kThreads) {
     const scalar_t b0 = backup[i];
@@ -199,9 +200,9 @@ void ascent_cuda(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const a
 
 template <typename scalar_t>
 void restore_sgd_launch(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
-                        at::Tensor& buf, const at::Tensor& skip, double lr, double momentum,
-                        double dampening, double wd, bool nesterov, bool first,
-                        cudaStream_t stream) {
+                        at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr,
+                        double momentum, double dampening, double wd, bool nesterov,
+                        bool first, cudaStream_t stream) {
   auto* kernel = momentum == 0 ? restore_sgd_kernel<scalar_t, false, false, false>
                  : first      ? (nesterov ? restore_sgd_kernel<scalar_t, true, true, true>
                                           : restore_sgd_kernel<scalar_t, true, false, true>)
@@ -210,18 +211,21 @@ void restore_sgd_launch(at::Tensor& w, const at::Tensor& g, const at::Tensor& ba
   kernel<<<blocks_for(w.numel()), kThreads, 0, stream>>>(
       w.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
       backup.const_data_ptr<scalar_t>(), buf.mutable_data_ptr<scalar_t>(), w.numel(),
-      skip.const_data_ptr<bool>(), lr, momentum, dampening, wd);
+      skip.const_data_ptr<bool>(), lr.const_data_ptr<double>(), momentum, dampening, wd);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void restore_sgd_cuda(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
-                      at::Tensor& buf, const at::Tensor& skip, double lr, double momentum,
-                      double dampening, double weight_decay, bool nesterov, bool first) {
+                      at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr,
+                      double momentum, double dampening, double weight_decay, bool nesterov,
+                      bool first) {
   check_cuda(w, w, "w");
   check_cuda(g, w, "g");
   check_cuda(backup, w, "backup");
   if (momentum != 0) check_cuda(buf, w, "buf");
   TORCH_CHECK(skip.is_cuda() && skip.scalar_type() == at::kBool, "samfast: skip must be a CUDA bool");
+  TORCH_CHECK(lr.device() == w.device() && lr.scalar_type() == at::kDouble && lr.numel() == 1,
+              "samfast: lr must be a one-element float64 tensor on ", w.device());
   c10::cuda::CUDAGuard guard(w.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "restore_sgd_", [&] {

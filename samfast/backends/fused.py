@@ -10,7 +10,8 @@ plain restore is a torch copy):
 * ``ascent_(w, g, backup, scale, skip, adaptive, eta)``: backup <- w;
   w <- w + scale * T(w)^2 * g unless ``skip`` (a device flag) is set;
 * ``restore_sgd_(w, g, backup, buf, skip, lr, momentum, dampening, weight_decay, nesterov,
-  first)``: w <- backup, then torch.optim.SGD's update from there, all in one pass; with
+  first)``: w <- backup, then torch.optim.SGD's update from there, all in one pass (``lr`` a
+  float64 0-d tensor on the buffers' device, read by the kernel); with
   ``skip`` set only the restore happens (buf untouched). ``backup`` may alias ``w`` (a plain
   SGD step).
 
@@ -46,6 +47,7 @@ class FusedBackend:
         self._optimizer = None
         self._skip: Tensor | None = None
         self._masks: list[list[bool]] = []
+        self._lr_cache: dict[torch.device, tuple[float, Tensor]] = {}
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -99,8 +101,10 @@ class FusedBackend:
             n = norm.to(bucket.device)
             if group["normalize"]:
                 scale = (group["rho"] / (n + group["sam_eps"])).to(cdtype)
+            elif isinstance(group["rho"], Tensor):
+                scale = group["rho"].detach().to(device=bucket.device, dtype=cdtype)
             else:
-                scale = torch.full((), float(group["rho"]), dtype=cdtype, device=bucket.device)
+                scale = torch.full((), group["rho"], dtype=cdtype, device=bucket.device)
             bskip = skip.to(bucket.device)
             for s, e in bucket.runs(mask):
                 self.ops.ascent_(bucket.param[s:e], bucket.grad[s:e], bucket.backup[s:e], scale,
@@ -119,6 +123,19 @@ class FusedBackend:
             return torch.zeros((), dtype=torch.bool, device=device)
         return torch.stack(counts).sum() > 0
 
+    def _lr_tensor(self, lr, device: torch.device) -> Tensor:
+        """``lr`` as the float64 0-d tensor on ``device`` that the kernels read there. A tensor
+        lr (one an LR scheduler updates in place, e.g. for a CUDA graph) is used as it is,
+        moved or cast if need be; a float goes into a tensor cached per device (a new one when
+        the value changes). No host sync either way."""
+        if isinstance(lr, Tensor):
+            return lr.detach().to(device=device, dtype=torch.float64).reshape(())
+        cached = self._lr_cache.get(device)
+        if cached is None or cached[0] != lr:
+            cached = (lr, torch.full((), lr, dtype=torch.float64, device=device))
+            self._lr_cache[device] = cached
+        return cached[1]
+
     def _sgd_update(self, groups: list[dict], masks: list[list[bool]], skip: Tensor,
                     restore: bool) -> None:
         state = self._optimizer.state
@@ -135,9 +152,10 @@ class FusedBackend:
                 runs = [(s, e, False) for s, e in bucket.runs(mask)]
                 buf = bucket.param  # unused by the kernel
             bskip = skip.to(bucket.device)
+            lr = self._lr_tensor(group["lr"], bucket.device)
             for s, e, first in runs:
                 self.ops.restore_sgd_(bucket.param[s:e], bucket.grad[s:e], source[s:e],
-                                      buf[s:e], bskip, float(group["lr"]), momentum,
+                                      buf[s:e], bskip, lr, momentum,
                                       float(group["dampening"]), float(group["weight_decay"]),
                                       bool(group["nesterov"]), first)
             if restore:

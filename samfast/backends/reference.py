@@ -95,7 +95,7 @@ def ascent_(group: dict, params: list[Tensor], norm: Tensor) -> list[Tensor]:
         if group["normalize"]:
             scale = group["rho"] / (norm.to(ws[0].device) + group["sam_eps"])
         else:
-            scale = torch.tensor(float(group["rho"]), dtype=norm.dtype, device=ws[0].device)
+            scale = torch.as_tensor(group["rho"], dtype=norm.dtype, device=ws[0].device)
         e = _scaled_grads(ws, [p.grad for p in bucket], group["adaptive"], group["eta"], power=2)
         torch._foreach_mul_(e, scale.to(cdtype))
         backups.extend(w.clone() for w in ws)

@@ -16,8 +16,8 @@ from ._common import BLOCK, NUM_WARPS, grid, join_fp32, split_fp32, to_storage, 
 
 
 @triton.jit
-def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, n,
-                        lr_hi, lr_lo, mom_hi, mom_lo, damp_hi, damp_lo, wd_hi, wd_lo,
+def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, lr_ptr, n,
+                        mom_hi, mom_lo, damp_hi, damp_lo, wd_hi, wd_lo,
                         MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
                         FP64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -26,7 +26,9 @@ def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, n,
     skip = tl.load(skip_ptr) != 0
     b0 = tl.load(backup_ptr + offs, mask=mask, other=0.0)
     w0 = upcast(b0, FP64)
-    lr = join_fp32(lr_hi, lr_lo, FP64)
+    lr = tl.load(lr_ptr)  # float64 on the device, rounded once to opmath as the C++ kernels do
+    if not FP64:
+        lr = lr.to(tl.float32)
     d = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64) + \
         join_fp32(wd_hi, wd_lo, FP64) * w0
     if MOMENTUM:
@@ -48,11 +50,12 @@ def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, n,
 
 
 def restore_sgd_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, buf: torch.Tensor,
-                 skip: torch.Tensor, lr: float, momentum: float, dampening: float,
+                 skip: torch.Tensor, lr: torch.Tensor, momentum: float, dampening: float,
                  weight_decay: float, nesterov: bool, first: bool) -> None:
+    """``lr``: a one-element float64 tensor on w's device (read by the kernel)."""
     n = w.numel()
     _restore_sgd_kernel[grid(n)](
-        w, g, backup, buf, skip.view(torch.uint8), n, *split_fp32(lr), *split_fp32(momentum),
+        w, g, backup, buf, skip.view(torch.uint8), lr, n, *split_fp32(momentum),
         *split_fp32(dampening), *split_fp32(weight_decay), MOMENTUM=momentum != 0,
         NESTEROV=nesterov, FIRST=first, FP64=w.dtype == torch.float64, BLOCK=BLOCK,
         num_warps=NUM_WARPS)
