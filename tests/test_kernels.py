@@ -208,6 +208,16 @@ for dtype in (torch.float32, torch.float64):
             C.restore_sgd_(ws[s:e], g[s:e], b[s:e], ms[s:e], torch.tensor(False), lr, mom,
                            0.1, 5e-4, nesterov, first)
             out[f"{dtype}-{s}-{mom}-{nesterov}-{first}-restore"] = (ws, ms)
+            ws, ms = w.clone(), m.clone()  # a plain SGD step: backup is w itself
+            C.restore_sgd_(ws[s:e], g[s:e], ws[s:e], ms[s:e], torch.tensor(False), lr, mom,
+                           0.1, 5e-4, nesterov, first)
+            out[f"{dtype}-{s}-{mom}-{nesterov}-{first}-sgd"] = (ws, ms)
+    # the reductions walk four 32768-element blocks at once: nine blocks and a partial one
+    big = torch.randn(9 * 32768 + 5101, generator=gen, dtype=torch.float64).to(dtype)
+    for adaptive in (False, True):
+        out[f"{dtype}-big-{adaptive}-norm"] = C.sq_norm(big[3:], big[:-3], adaptive, 0.01)
+    big[[5, 4 * 32768, 8 * 32768 + 7]] = float("nan")
+    out[f"{dtype}-big-nonfinite"] = C.nonfinite(big[3:])
 torch.save(out, sys.argv[1])
 """
 
