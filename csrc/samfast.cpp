@@ -5,18 +5,17 @@
 // ("opmath") and in double for fp64, rounded once on store. The CUDA kernels live in
 // csrc/cuda/samfast_cuda.cu and register the same schemas for the CUDA dispatch key.
 //
-// CPU design: streams written for the compiler's auto-vectorizer (one pass, no branches in
-// the body, flags hoisted into template parameters), split over threads with
-// at::parallel_for. fp32/fp64 use csrc/cpu/kernels.h, built for SSE2 and for AVX2+FMA and
-// picked at run time. Reductions use fixed blocks of kBlock elements whose partial sums are
-// added in block order, so a result does not depend on the number of threads or the ISA
-// (deterministic run to run and machine to machine).
+// CPU design: one pass per op over whole 64-byte lines (GCC vector types, flags hoisted into
+// template parameters), split over threads with at::parallel_for. The kernels live in
+// csrc/cpu/kernels.h, built for SSE2, AVX2 (+FMA, F16C) and AVX-512 and picked at run time,
+// for every dtype (fp16/bf16 widened to float per line). Reductions use fixed blocks of kBlock
+// elements whose partial sums are added in block order, so a result does not depend on the
+// number of threads or the ISA (deterministic run to run and machine to machine).
 
 #include <Python.h>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -40,6 +39,18 @@ namespace samfast {
   template <typename T>                                                                   \
   void restore_sgd_any(T*, const T*, const T*, T*, long, long, T, T, T, T, bool, bool,    \
                        bool);                                                             \
+  template <int F>                                                                        \
+  void sq_norm_blocks16(const unsigned short*, const unsigned short*, long, long, long,   \
+                        long, bool, float, float*);                                       \
+  template <int F>                                                                        \
+  void nonfinite_blocks16(const unsigned short*, long, long, long, long, long*);          \
+  template <int F>                                                                        \
+  void ascent16_any(unsigned short*, const unsigned short*, unsigned short*, long, long,   \
+                    float, bool, float);                                                  \
+  template <int F>                                                                        \
+  void restore_sgd16_any(unsigned short*, const unsigned short*, const unsigned short*,   \
+                         unsigned short*, long, long, float, float, float, float, bool,   \
+                         bool);                                                           \
   }
 SAMFAST_DECLARE_CPU_KERNELS(base)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -61,10 +72,14 @@ Isa cpu_isa() {
       if (f == "avx2") return Isa::kAvx2;
     }
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("f16c")) {
       return Isa::kAvx512;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      return Isa::kAvx2;
+    }
     return Isa::kBase;
   }();
   return isa;
@@ -83,7 +98,6 @@ Isa cpu_isa() {
 
 constexpr int64_t kBlock = 1 << 15;   // elements per reduction block
 constexpr int64_t kGrain = 1 << 15;   // elements per parallel task of elementwise kernels
-constexpr int kLanes = 8;             // independent accumulators: lets the sum vectorize
 
 // Streaming stores for the write-only stream of the ascent and of restore + SGD (see
 // csrc/cpu/kernels.h) from this many bytes per buffer. They win when the buffers come from
@@ -115,39 +129,24 @@ void check_flat(const at::Tensor& t, const at::Tensor& like, const char* name) {
               ", expected ", like.device());
 }
 
-// Sum over [begin, end) of f(i), with kLanes interleaved partial sums.
-template <typename acc_t, typename F>
-acc_t lane_sum(int64_t begin, int64_t end, F f) {
-  acc_t lanes[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += f(i + l);
-  }
-  acc_t total = 0;
-  for (; i < end; ++i) total += f(i);
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
-
-// Deterministic blocked reduction: block partials in parallel, then summed in block order.
-template <typename acc_t, typename F>
-acc_t blocked_sum(int64_t n, F f) {
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  std::vector<acc_t> partial(blocks, 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      partial[b] = lane_sum<acc_t>(b * kBlock, std::min(n, (b + 1) * kBlock), f);
-    }
-  });
-  acc_t total = 0;
-  for (acc_t p : partial) total += p;
-  return total;
-}
-
-// fp32/fp64 run the ISA-dispatched kernels of csrc/cpu/kernels.h; fp16/bf16 the templates
-// here, which convert each element through c10's scalar conversions.
+// The kernels of csrc/cpu/kernels.h: fp32/fp64 over T*, bf16/fp16 over their 16-bit patterns
+// with the format as a template argument (0 = bf16, 1 = fp16, as kBf16 / kFp16 there).
 bool is_wide(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+int format16(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              "samfast: unsupported dtype ", t.scalar_type());
+  return t.scalar_type() == at::kBFloat16 ? 0 : 1;
+}
+
+const unsigned short* bits16(const at::Tensor& t) {
+  return static_cast<const unsigned short*>(t.const_data_ptr());
+}
+
+unsigned short* mutable_bits16(at::Tensor& t) {
+  return static_cast<unsigned short*>(t.mutable_data_ptr());
 }
 
 // Deterministic blocked reduction whose block sums come from f(b0, b1, out), which writes the
@@ -162,28 +161,17 @@ acc_t blocked_reduce(int64_t n, F f) {
   return total;
 }
 
-template <typename scalar_t, bool kAdaptive>
-at::opmath_type<scalar_t> sq_norm_kernel(const scalar_t* g, const scalar_t* w, int64_t n,
-                                         at::opmath_type<scalar_t> eta) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  return blocked_sum<opmath_t>(n, [=](int64_t i) {
-    opmath_t x = static_cast<opmath_t>(g[i]);
-    if (kAdaptive) x *= std::abs(static_cast<opmath_t>(w[i])) + eta;
-    return x * x;
-  });
-}
-
 at::Tensor sq_norm_cpu(const at::Tensor& g, const at::Tensor& w, bool adaptive, double eta) {
   check_flat(g, g, "g");
   check_flat(w, g, "w");
   const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({}, g.options().dtype(acc));
+  const int64_t n = g.numel();
   if (is_wide(g)) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sq_norm", [&] {
       const auto* gp = g.const_data_ptr<scalar_t>();
       const auto* wp = w.const_data_ptr<scalar_t>();
       const auto e = static_cast<scalar_t>(eta);
-      const int64_t n = g.numel();
       out.fill_(blocked_reduce<scalar_t>(n, [=](int64_t b0, int64_t b1, scalar_t* partial) {
         SAMFAST_CPU_CALL(sq_norm_blocks_any<scalar_t>, gp, wp, n, kBlock, b0, b1, adaptive, e,
                          partial);
@@ -191,59 +179,37 @@ at::Tensor sq_norm_cpu(const at::Tensor& g, const at::Tensor& w, bool adaptive, 
     });
     return out;
   }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(g.scalar_type(), "sq_norm", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const auto* gp = g.const_data_ptr<scalar_t>();
-    const auto* wp = w.const_data_ptr<scalar_t>();
-    const opmath_t s = adaptive ? sq_norm_kernel<scalar_t, true>(gp, wp, g.numel(), eta)
-                                : sq_norm_kernel<scalar_t, false>(gp, wp, g.numel(), eta);
-    out.fill_(s);
-  });
+  const unsigned short *gp = bits16(g), *wp = bits16(w);
+  const auto e = static_cast<float>(eta);
+  const bool bf16 = format16(g) == 0;
+  out.fill_(blocked_reduce<float>(n, [=](int64_t b0, int64_t b1, float* partial) {
+    bf16 ? SAMFAST_CPU_CALL(sq_norm_blocks16<0>, gp, wp, n, kBlock, b0, b1, adaptive, e, partial)
+         : SAMFAST_CPU_CALL(sq_norm_blocks16<1>, gp, wp, n, kBlock, b0, b1, adaptive, e,
+                            partial);
+  }));
   return out;
 }
 
 at::Tensor nonfinite_cpu(const at::Tensor& g) {
   check_flat(g, g, "g");
+  const int64_t n = g.numel();
   int64_t count = 0;
   if (is_wide(g)) {
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "nonfinite", [&] {
       const auto* gp = g.const_data_ptr<scalar_t>();
-      const int64_t n = g.numel();
       count = blocked_reduce<long>(n, [=](int64_t b0, int64_t b1, long* partial) {
         SAMFAST_CPU_CALL(nonfinite_blocks<scalar_t>, gp, n, kBlock, b0, b1, partial);
       });
     });
-    return at::full({}, static_cast<double>(count), g.options().dtype(at::kFloat));
-  }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(g.scalar_type(), "nonfinite", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const auto* gp = g.const_data_ptr<scalar_t>();
-    constexpr opmath_t inf = std::numeric_limits<opmath_t>::infinity();
-    // !(|x| < inf) is true exactly for +-inf and NaN, and compiles to a compare + mask.
-    count = blocked_sum<int64_t>(g.numel(), [=](int64_t i) {
-      return static_cast<int64_t>(!(std::abs(static_cast<opmath_t>(gp[i])) < inf));
+  } else {
+    const unsigned short* gp = bits16(g);
+    const bool bf16 = format16(g) == 0;
+    count = blocked_reduce<long>(n, [=](int64_t b0, int64_t b1, long* partial) {
+      bf16 ? SAMFAST_CPU_CALL(nonfinite_blocks16<0>, gp, n, kBlock, b0, b1, partial)
+           : SAMFAST_CPU_CALL(nonfinite_blocks16<1>, gp, n, kBlock, b0, b1, partial);
     });
-  });
+  }
   return at::full({}, static_cast<double>(count), g.options().dtype(at::kFloat));
-}
-
-template <typename scalar_t, bool kAdaptive>
-void ascent_kernel(scalar_t* w, const scalar_t* g, scalar_t* backup, int64_t n,
-                   at::opmath_type<scalar_t> scale, at::opmath_type<scalar_t> eta) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t wi = w[i];
-      backup[i] = wi;
-      const opmath_t wf = static_cast<opmath_t>(wi);
-      opmath_t e = static_cast<opmath_t>(g[i]);
-      if (kAdaptive) {
-        const opmath_t t = std::abs(wf) + eta;
-        e = (t * t) * e;
-      }
-      w[i] = static_cast<scalar_t>(wf + e * scale);
-    }
-  });
 }
 
 void ascent_cpu(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const at::Tensor& scale,
@@ -269,62 +235,21 @@ void ascent_cpu(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const at
     });
     return;
   }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "ascent_", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t s = scale.item<opmath_t>();
-    auto* wp = w.mutable_data_ptr<scalar_t>();
-    auto* bp = backup.mutable_data_ptr<scalar_t>();
-    const auto* gp = g.const_data_ptr<scalar_t>();
-    if (adaptive) {
-      ascent_kernel<scalar_t, true>(wp, gp, bp, w.numel(), s, eta);
-    } else {
-      ascent_kernel<scalar_t, false>(wp, gp, bp, w.numel(), s, eta);
-    }
+  const float s = scale.item<float>();  // arithmetic in float, as for fp32
+  const auto e = static_cast<float>(eta);
+  unsigned short *wp = mutable_bits16(w), *bp = mutable_bits16(backup);
+  const unsigned short* gp = bits16(g);
+  const bool bf16 = format16(w) == 0;
+  at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    bf16 ? SAMFAST_CPU_CALL(ascent16_any<0>, wp, gp, bp, begin, end, s, adaptive, e)
+         : SAMFAST_CPU_CALL(ascent16_any<1>, wp, gp, bp, begin, end, s, adaptive, e);
   });
 }
 
 // w <- backup; then torch.optim.SGD's update, in its order of operations:
 //   d = g + wd * w;  buf = first ? d : momentum * buf + (1 - dampening) * d;
 //   d = nesterov ? d + momentum * buf : buf;  w = w - lr * d
-template <typename scalar_t, bool kMomentum, bool kNesterov, bool kFirst>
-void restore_sgd_kernel(scalar_t* w, const scalar_t* g, const scalar_t* backup, scalar_t* buf,
-                        int64_t n, at::opmath_type<scalar_t> lr,
-                        at::opmath_type<scalar_t> momentum,
-                        at::opmath_type<scalar_t> dampening, at::opmath_type<scalar_t> wd) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const opmath_t w0 = static_cast<opmath_t>(backup[i]);
-      opmath_t d = static_cast<opmath_t>(g[i]) + wd * w0;
-      if (kMomentum) {
-        opmath_t b = kFirst ? d : static_cast<opmath_t>(buf[i]) * momentum + (1 - dampening) * d;
-        const scalar_t stored = static_cast<scalar_t>(b);
-        buf[i] = stored;
-        b = static_cast<opmath_t>(stored);  // torch steps with the buffer as stored
-        d = kNesterov ? d + momentum * b : b;
-      }
-      w[i] = static_cast<scalar_t>(w0 - lr * d);
-    }
-  });
-}
-
-template <typename scalar_t>
-void restore_sgd_dispatch(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
-                          at::Tensor& buf, double lr, double momentum, double dampening,
-                          double wd, bool nesterov, bool first) {
-  auto* wp = w.mutable_data_ptr<scalar_t>();
-  const auto* gp = g.const_data_ptr<scalar_t>();
-  const auto* bp = backup.const_data_ptr<scalar_t>();
-  auto* mp = buf.mutable_data_ptr<scalar_t>();
-  const int64_t n = w.numel();
-  auto* kernel = momentum == 0 ? restore_sgd_kernel<scalar_t, false, false, false>
-                 : first      ? (nesterov ? restore_sgd_kernel<scalar_t, true, true, true>
-                                          : restore_sgd_kernel<scalar_t, true, false, true>)
-                              : (nesterov ? restore_sgd_kernel<scalar_t, true, true, false>
-                                          : restore_sgd_kernel<scalar_t, true, false, false>);
-  kernel(wp, gp, bp, mp, n, lr, momentum, dampening, wd);
-}
-
+// (with 16-bit storage the step uses the momentum buffer as stored, as torch does).
 void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
                      at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr_t,
                      double momentum, double dampening, double weight_decay, bool nesterov,
@@ -355,9 +280,15 @@ void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backu
     });
     return;
   }
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(w.scalar_type(), "restore_sgd_", [&] {
-    restore_sgd_dispatch<scalar_t>(w, g, backup, buf, lr, momentum, dampening, weight_decay,
-                                   nesterov, first);
+  unsigned short *wp = mutable_bits16(w), *mp = mutable_bits16(buf);
+  const unsigned short *gp = bits16(g), *bp = bits16(backup);
+  const float l = lr, m = momentum, d = dampening, wd = weight_decay;
+  const bool bf16 = format16(w) == 0;
+  at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    bf16 ? SAMFAST_CPU_CALL(restore_sgd16_any<0>, wp, gp, bp, mp, begin, end, l, m, d, wd,
+                            nesterov, first)
+         : SAMFAST_CPU_CALL(restore_sgd16_any<1>, wp, gp, bp, mp, begin, end, l, m, d, wd,
+                            nesterov, first);
   });
 }
 

@@ -190,7 +190,8 @@ assert samfast.backends.native.load_error() is None
 C = torch.ops.samfast
 out = {}
 lr = torch.tensor(0.1, dtype=torch.float64)
-for dtype in (torch.float32, torch.float64):
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
     gen = torch.Generator().manual_seed(5)
     w, g, b, m = (torch.randn(100003 + 64, generator=gen, dtype=torch.float64).to(dtype)
                   for _ in range(4))
@@ -199,7 +200,7 @@ for dtype in (torch.float32, torch.float64):
         for adaptive in (False, True):
             ws, bs = w.clone(), b.clone()
             out[f"{dtype}-{s}-{adaptive}-norm"] = C.sq_norm(g[s:e], w[s:e], adaptive, 0.01)
-            C.ascent_(ws[s:e], g[s:e], bs[s:e], torch.tensor(0.3, dtype=dtype),
+            C.ascent_(ws[s:e], g[s:e], bs[s:e], torch.tensor(0.3, dtype=opmath),
                       torch.tensor(False), adaptive, 0.01)
             out[f"{dtype}-{s}-{adaptive}-ascent"] = (ws, bs)
         out[f"{dtype}-{s}-nonfinite"] = C.nonfinite(g[s:e])
@@ -224,8 +225,9 @@ torch.save(out, sys.argv[1])
 
 @pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")
 def test_native_cpu_builds_and_streaming_stores_agree_bitwise(tmp_path):
-    """The fp32/fp64 kernels exist per ISA (SSE2, AVX2, AVX-512) and with or without
-    streaming stores (csrc/cpu/kernels.h); all must give the same bits. The default picks the
+    """The kernels exist per ISA (SSE2, AVX2, AVX-512) and, for fp32/fp64, with or without
+    streaming stores (csrc/cpu/kernels.h); all must give the same bits, for every dtype (fp16
+    converts through c10 in the SSE2 build, through F16C / AVX-512 in the others). The default picks the
     best ISA and streams only big buffers, so the parity tests above cover one combination;
     this checks that every other agrees with it, on misaligned slices and odd sizes."""
     import os

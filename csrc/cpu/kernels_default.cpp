@@ -18,5 +18,13 @@
   for (int l_ = 0; l_ < 8; ++l_) (dst)[l_] = (src)[l_]
 #define SAMFAST_STREAM_FENCE() ((void)0)
 #endif
+// fp16 element by element through c10::Half (IEEE round to nearest even, as F16C).
+#include <c10/util/Half.h>
+#define SAMFAST_F16_TO_F32(h) static_cast<float>(c10::Half((h), c10::Half::from_bits()))
+#define SAMFAST_F32_TO_F16(f) (c10::Half(f).x)
+#define SAMFAST_F16_LOAD_LINE(dst, p) \
+  for (int l_ = 0; l_ < 16; ++l_) (dst)[l_] = SAMFAST_F16_TO_F32((p)[l_])
+#define SAMFAST_F16_STORE_LINE(p, v) \
+  for (int l_ = 0; l_ < 16; ++l_) (p)[l_] = SAMFAST_F32_TO_F16((v)[l_])
 #define SAMFAST_CPU_NS base
 #include "kernels.h"
