@@ -13,7 +13,8 @@ Effective bandwidth = bytes that must move / time, in units of one parameter-siz
 a SAM step with SGD-momentum must move 10 P (norm reads g; ascent reads w, g and writes backup,
 w; restore + SGD reads backup, g, momentum and writes w, momentum), an SGD step 5 P, a copy 2 P.
 
-    python bench/bench_optimizer_step.py [--models wrn16_8 resnet20] [--device cpu] [--save]
+    python bench/bench_optimizer_step.py [--models wrn16_8 resnet20] [--device cpu]
+        [--dtype fp32|bf16|fp16] [--save]
 """
 
 from __future__ import annotations
@@ -34,18 +35,23 @@ from samfast.cifar.models import build_model  # noqa: E402
 SGD = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
 
-def fresh_params(model_name: str, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fresh_params(model_name: str, device: torch.device, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
     torch.manual_seed(seed)
-    params = [p for p in build_model(model_name).to(device).parameters()]
+    params = [p for p in build_model(model_name).to(device, dtype).parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
     return params
 
 
-def implementations(model_name: str, device: torch.device) -> dict:
+def implementations(model_name: str, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> dict:
     fns = {}
     for backend in samfast.available_backends(device):
-        params = fresh_params(model_name, device)
+        params = fresh_params(model_name, device, dtype=dtype)
         opt = samfast.SAM(params, backend=backend, **SGD)
 
         def sam_step(opt=opt):
@@ -53,16 +59,17 @@ def implementations(model_name: str, device: torch.device) -> dict:
             opt.second_step()
         fns[f"samfast[{backend}]"] = sam_step
     for name, cls in (("loop (davda54)", LoopSAM), ("foreach", ForeachSAM)):
-        base = cls(fresh_params(model_name, device), **SGD)
+        base = cls(fresh_params(model_name, device, dtype=dtype), **SGD)
 
         def base_step(base=base):
             base.first_step()
             base.second_step()
         fns[name] = base_step
-    fused = torch.optim.SGD(fresh_params(model_name, device), fused=True, **SGD)
+    fused = torch.optim.SGD(fresh_params(model_name, device, dtype=dtype), fused=True, **SGD)
     fns["SGD(fused) alone"] = fused.step
     n = sum(p.numel() for p in fresh_params(model_name, device))
-    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    src = torch.randn(n, device=device).to(dtype)
+    dst = torch.empty_like(src)
     fns["copy (bandwidth)"] = lambda: dst.copy_(src)
     fns["read pass (sum)"] = src.sum
     return fns
@@ -78,6 +85,8 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["wrn16_8", "resnet20", "wrn28_10"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="parameter (and gradient) dtype")
     ap.add_argument("--save", action="store_true", help="write bench/results (or $OUT) files")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -85,25 +94,28 @@ def main(argv=None) -> None:
     print(", ".join(f"{k}={v}" for k, v in env.items()))
     raw, sections = {}, []
     for model_name in args.models:
-        fns = implementations(model_name, device)
+        dtype = DTYPES[args.dtype]
+        fns = implementations(model_name, device, dtype)
         n_params = sum(p.numel() for p in fresh_params(model_name, device))
         n_tensors = len(fresh_params(model_name, device))
         samples = time_interleaved(fns, device, rounds=args.rounds)
         raw[model_name] = samples
         loop = median(samples["loop (davda54)"])
         floor = median(samples["SGD(fused) alone"])
-        param_bytes = n_params * 4
+        param_bytes = n_params * dtype.itemsize
         rows = []
         for name, s in samples.items():
             gbps = MUST_MOVE.get(name, SAM_MUST_MOVE) * param_bytes / median(s) / 1e9
             rows.append([name, median(s) * 1e3, loop / median(s), median(s) / floor, gbps])
         table = markdown_table(["implementation", "median ms", "speed-up vs loop",
                                 "x SGD(fused) step", "effective GB/s"], rows)
-        title = f"## {model_name}: {n_params / 1e6:.2f} M params in {n_tensors} tensors, fp32"
+        title = (f"## {model_name}: {n_params / 1e6:.2f} M params in {n_tensors} tensors, "
+                 f"{args.dtype}")
         sections.append(f"{title}\n\n{table}")
         print(f"\n{title}\n\n{table}", flush=True)
     if args.save:
-        path = write_results("optimizer_step", env, "\n\n".join(sections), raw, None)
+        stem = "optimizer_step" if args.dtype == "fp32" else f"optimizer_step_{args.dtype}"
+        path = write_results(stem, env, "\n\n".join(sections), raw, None)
         print(f"\nwrote {path}")
 
 
