@@ -228,15 +228,22 @@ void ascent(T* w, const T* g, T* backup, long begin, long end, T scale, T eta, b
   }
 }
 
+// The momentum buffer's value as stored: itself when storage is the arithmetic type.
+struct AsIs {
+  template <typename V>
+  V operator()(const V& v) const { return v; }
+};
+
 // torch.optim.SGD's update from the weight w0 (one element or one line, V = T or Line<T>), in
 // its order of operations (see csrc/samfast.cpp); the momentum buffer is read and written
-// through `buf`.
-template <bool kMomentum, bool kNesterov, bool kFirst, typename V, typename T>
-inline V sgd_element(const V& w0, const V& g, V& buf, T lr, T momentum, T dampening,
-                     T wd) {
+// through `buf`, and the step uses it as stored (`stored`: rounds it to a 16-bit format).
+template <bool kMomentum, bool kNesterov, bool kFirst, typename V, typename T,
+          typename Stored = AsIs>
+inline V sgd_element(const V& w0, const V& g, V& buf, T lr, T momentum, T dampening, T wd,
+                     Stored stored = Stored()) {
   V d = g + wd * w0;
   if (kMomentum) {
-    const V b = kFirst ? d : buf * momentum + (T(1) - dampening) * d;
+    const V b = stored(kFirst ? d : buf * momentum + (T(1) - dampening) * d);
     buf = b;
     d = kNesterov ? d + momentum * b : b;
   }
@@ -427,35 +434,33 @@ void ascent16(unsigned short* __restrict__ w, const unsigned short* __restrict__
   }
 }
 
-// torch.optim.SGD's update with 16-bit storage: the momentum buffer is rounded when stored and
-// the step uses it as stored (as torch does).
+// torch.optim.SGD's update with 16-bit storage (sgd_element's maths; the momentum buffer is
+// rounded when stored and the step uses it as stored, as torch does).
 template <int kFormat, bool kMomentum, bool kNesterov, bool kFirst>
 void restore_sgd16(unsigned short* w, const unsigned short* g, const unsigned short* backup,
                    unsigned short* buf, long begin, long end, float lr, float momentum,
                    float dampening, float wd) {
   using C = Format16<kFormat>;
+  auto stored_line = [](const LineF32& b) {
+    unsigned short h[kHalfLine];
+    C::store(h, b);
+    return C::load(h);
+  };
+  auto stored = [](float b) { return C::to_float(C::from_float(b)); };
   long i = begin;
   for (; i + kHalfLine <= end; i += kHalfLine) {
-    const LineF32 w0 = C::load(backup + i);
-    LineF32 d = C::load(g + i) + wd * w0;
-    if (kMomentum) {
-      const LineF32 b = kFirst ? d : C::load(buf + i) * momentum + (1.0f - dampening) * d;
-      C::store(buf + i, b);
-      const LineF32 stored = C::load(buf + i);
-      d = kNesterov ? d + momentum * stored : stored;
-    }
-    C::store(w + i, w0 - lr * d);
+    LineF32 m = kMomentum ? C::load(buf + i) : LineF32{};
+    const LineF32 out = sgd_element<kMomentum, kNesterov, kFirst>(
+        C::load(backup + i), C::load(g + i), m, lr, momentum, dampening, wd, stored_line);
+    if (kMomentum) C::store(buf + i, m);  // m is a 16-bit value already: stored exactly
+    C::store(w + i, out);
   }
   for (; i < end; ++i) {
-    const float w0 = C::to_float(backup[i]);
-    float d = C::to_float(g[i]) + wd * w0;
-    if (kMomentum) {
-      const float b = kFirst ? d : C::to_float(buf[i]) * momentum + (1.0f - dampening) * d;
-      buf[i] = C::from_float(b);
-      const float stored = C::to_float(buf[i]);
-      d = kNesterov ? d + momentum * stored : stored;
-    }
-    w[i] = C::from_float(w0 - lr * d);
+    float m = kMomentum ? C::to_float(buf[i]) : 0.0f;
+    const float out = sgd_element<kMomentum, kNesterov, kFirst>(
+        C::to_float(backup[i]), C::to_float(g[i]), m, lr, momentum, dampening, wd, stored);
+    if (kMomentum) buf[i] = C::from_float(m);
+    w[i] = C::from_float(out);
   }
 }
 
