@@ -453,17 +453,18 @@ def _run_with(backend, lr, rho, normalize, scheduler=False, steps=4):
     return model, opt
 
 
+@pytest.mark.parametrize("shape", [(), (1,)], ids=["0-d", "1-element"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["sam", "usam"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_lr_and_rho_give_the_float_results(backend, normalize):
-    """lr and rho as one-element tensors (fp32 and fp64 alike, as an LR scheduler leaves
-    them) train exactly as the same floats; a scheduler's in-place updates of the tensor lr
-    are seen by every step."""
+def test_tensor_lr_and_rho_give_the_float_results(backend, normalize, shape):
+    """lr and rho as one-element tensors (fp64, as an LR scheduler leaves them) train exactly
+    as the same floats; a scheduler's in-place updates of the tensor lr are seen by every
+    step."""
     for scheduler in (False, True):
         want, _ = _run_with(backend, 0.05, 0.1, normalize, scheduler)
-        lr = torch.tensor(0.05, dtype=torch.float64)
-        got, opt = _run_with(backend, lr, torch.tensor(0.1, dtype=torch.float64), normalize,
-                             scheduler)
+        lr = torch.full(shape, 0.05, dtype=torch.float64)
+        got, opt = _run_with(backend, lr, torch.full(shape, 0.1, dtype=torch.float64),
+                             normalize, scheduler)
         assert opt.param_groups[0]["lr"] is lr  # updated in place, not replaced
         if scheduler:
             assert float(lr) == 0.05 * 0.5 ** 4

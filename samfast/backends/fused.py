@@ -105,6 +105,7 @@ class FusedBackend:
                 scale = group["rho"].detach().to(device=bucket.device, dtype=cdtype)
             else:
                 scale = torch.full((), group["rho"], dtype=cdtype, device=bucket.device)
+            scale = scale.reshape(())  # rho may be a 1-element tensor
             bskip = skip.to(bucket.device)
             for s, e in bucket.runs(mask):
                 self.ops.ascent_(bucket.param[s:e], bucket.grad[s:e], bucket.backup[s:e], scale,

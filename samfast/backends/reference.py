@@ -97,7 +97,7 @@ def ascent_(group: dict, params: list[Tensor], norm: Tensor) -> list[Tensor]:
         else:
             scale = torch.as_tensor(group["rho"], dtype=norm.dtype, device=ws[0].device)
         e = _scaled_grads(ws, [p.grad for p in bucket], group["adaptive"], group["eta"], power=2)
-        torch._foreach_mul_(e, scale.to(cdtype))
+        torch._foreach_mul_(e, scale.to(cdtype).reshape(()))  # rho may be a 1-element tensor
         backups.extend(w.clone() for w in ws)
         if cdtype == ws[0].dtype:
             torch._foreach_add_(ws, e)
