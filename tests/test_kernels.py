@@ -3,6 +3,8 @@ formulas: sizes 1, 7, 100003, every dtype, fresh random inputs."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -255,3 +257,46 @@ def test_native_cpu_builds_and_streaming_stores_agree_bitwise(tmp_path):
             want_t = want if isinstance(want, tuple) else (want,)
             for a, b in zip(got_t, want_t):
                 assert torch.equal(a, b), f"{key} differs from {first_key} in {name}"
+
+
+@pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_native_16bit_kernels_round_like_torch_on_special_values(dtype):
+    """The 16-bit CPU kernels (widened to float 16 elements at a time, converted back with
+    their own code) against torch's float arithmetic and conversions, bit for bit, on signed
+    zeros, subnormals, the largest finite values (the update overflows to inf), inf and NaN
+    (compared as NaN: payloads may differ). 1000 elements: the line loop and a scalar tail."""
+    fi = torch.finfo(dtype)
+    vals = torch.tensor([0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny / 4, fi.max, -fi.max, fi.max / 2,
+                         1.0, -1.5, float("inf"), -float("inf"), float("nan"), 3.14159, 1e-3,
+                         fi.eps])
+    gen = torch.Generator().manual_seed(0)
+    w, g, m, b = (vals[torch.randint(0, len(vals), (1000,), generator=gen)].to(dtype)
+                  for _ in range(4))
+
+    def same_bits(got, want):
+        return bool(((got.view(torch.int16) == want.view(torch.int16))
+                     | (got.isnan() & want.isnan())).all())
+
+    f32 = functools.partial(torch.tensor, dtype=torch.float32)
+    scale, eta = f32(0.75), f32(0.01)
+    for adaptive in (False, True):
+        ws, bs = w.clone(), torch.empty_like(w)
+        torch.ops.samfast.ascent_(ws, g, bs, scale, torch.tensor(False), adaptive, 0.01)
+        t = w.float().abs() + eta
+        e = (t * t) * g.float() if adaptive else g.float()
+        assert same_bits(ws, (w.float() + e * scale).to(dtype)) and same_bits(bs, w)
+    lr, damp, wd = 0.1, 0.1, 5e-4
+    for mom, nesterov, first in ((0.0, False, False), (0.9, True, False), (0.9, False, False),
+                                 (0.9, False, True)):
+        ws, ms = w.clone(), m.clone()
+        torch.ops.samfast.restore_sgd_(ws, g, b, ms, torch.tensor(False),
+                                       torch.tensor(lr, dtype=torch.float64), mom, damp, wd,
+                                       nesterov, first)
+        d = g.float() + f32(wd) * b.float()
+        if mom:
+            stored = (d if first else m.float() * f32(mom) + (f32(1.0) - f32(damp)) * d).to(dtype)
+            assert same_bits(ms, stored)
+            d = d + f32(mom) * stored.float() if nesterov else stored.float()
+        assert same_bits(ws, (b.float() - f32(lr) * d).to(dtype))
+    assert float(torch.ops.samfast.nonfinite(g)) == int((~torch.isfinite(g)).sum())
