@@ -67,7 +67,7 @@ def _jit_build() -> None:
     cflags = ["-O3", "-fopenmp", "-fno-wrapv", "-ffp-contract=off",  # why: see setup.py
               "-fno-tree-loop-distribute-patterns"]
     cpp_extension.load("samfast_C_jit", sources, extra_cflags=cflags,
-                       extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"],
+                       extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-fmad=false"],
                        is_python_module=False)
 
 
