@@ -10,6 +10,10 @@ import triton.language as tl
 # GPU; under the CPU interpreter (~0.5 ms per program) fewer, larger programs keep tests fast.
 BLOCK = 4096
 NUM_WARPS = 8
+# Launch option of the elementwise kernels: no a + b * c -> FMA contraction, so their rounding
+# is that of the CPU kernels (-ffp-contract=off), the CUDA kernels (-fmad=false) and the
+# reference backend's separate torch ops.
+NO_FMA = dict(enable_fp_fusion=False)
 
 
 def grid(n: int) -> tuple[int]:

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, grid, join_fp32, split_fp32, to_storage, upcast
+from ._common import (BLOCK, NO_FMA, NUM_WARPS, grid, join_fp32, split_fp32, to_storage,
+                      upcast)
 
 
 @triton.jit
@@ -38,4 +39,4 @@ def ascent_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, scale: torch
     n = w.numel()
     _ascent_kernel[grid(n)](w, g, backup, scale, skip.view(torch.uint8), n, *split_fp32(eta),
                             ADAPTIVE=adaptive, FP64=w.dtype == torch.float64, BLOCK=BLOCK,
-                            num_warps=NUM_WARPS)
+                            num_warps=NUM_WARPS, **NO_FMA)

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, grid, join_fp32, split_fp32, to_storage, upcast
+from ._common import (BLOCK, NO_FMA, NUM_WARPS, grid, join_fp32, split_fp32, to_storage,
+                      upcast)
 
 
 @triton.jit
@@ -58,4 +59,4 @@ def restore_sgd_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, buf: to
         w, g, backup, buf, skip.view(torch.uint8), lr, n, *split_fp32(momentum),
         *split_fp32(dampening), *split_fp32(weight_decay), MOMENTUM=momentum != 0,
         NESTEROV=nesterov, FIRST=first, FP64=w.dtype == torch.float64, BLOCK=BLOCK,
-        num_warps=NUM_WARPS)
+        num_warps=NUM_WARPS, **NO_FMA)
