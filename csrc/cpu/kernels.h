@@ -98,6 +98,17 @@ inline void store_line(T* p, const Line<T>& v) {
   }
 }
 
+// How a buffer's elements become arithmetic values: Wide<T> for fp32/fp64 (as they are),
+// Format16<...> (below) for bf16/fp16, widened to float. value(x): one element; load(p): the
+// line of arithmetic values starting at p.
+template <typename T>
+struct Wide {
+  using Storage = T;
+  using Arith = T;
+  static T value(T x) { return x; }
+  static Line<T> load(const T* p) { return load_line(p); }
+};
+
 // The reductions, over fixed blocks of `block` elements (a multiple of kLanes) of [0, n):
 // a block is summed in kLanes interleaved lanes (lane l takes the elements i + l), then its
 // lanes in order, then its tail elements one by one. block_sums writes the sums of blocks
@@ -153,35 +164,38 @@ void block_sums(long n, long block, long b0, long b1, Acc* out, Term term, LineT
   }
 }
 
-// Per block: the sum of (T(w) g)^2, T = |w| + eta if adaptive (ASAM), else 1.
-template <typename T, bool kAdaptive>
-void sq_norm_blocks(const T* g, const T* w, long n, long block, long b0, long b1, T eta,
-                    T* out) {
+// Per block: the sum of (T(w) g)^2, T = |w| + eta if adaptive (ASAM), else 1 (F: the format).
+template <typename F, bool kAdaptive>
+void sq_norm_of(const typename F::Storage* g, const typename F::Storage* w, long n, long block,
+                long b0, long b1, typename F::Arith eta, typename F::Arith* out) {
+  using A = typename F::Arith;
   auto term = [=](long i) {
-    T x = g[i];
-    if (kAdaptive) x *= absval(w[i]) + eta;
+    A x = F::value(g[i]);
+    if (kAdaptive) x *= absval(F::value(w[i])) + eta;
     return x * x;
   };
   auto line_term = [=](long i) {
-    Line<T> x = load_line(g + i);
-    if (kAdaptive) x *= absval(load_line(w + i)) + eta;
+    Line<A> x = F::load(g + i);
+    if (kAdaptive) x *= absval(F::load(w + i)) + eta;
     return x * x;
   };
-  block_sums<T, T>(n, block, b0, b1, out, term, line_term);
+  block_sums<A, A>(n, block, b0, b1, out, term, line_term);
 }
 
 // Per block: how many of g are +-inf or NaN, !(|x| < inf) (a compare and a masked add),
-// counted in T lanes (exact: a lane sees block / kLanes < 2^24 elements) because int64 lanes
-// would need a widening conversion per element.
-template <typename T>
-void nonfinite_blocks(const T* g, long n, long block, long b0, long b1, long* out) {
-  const T inf = static_cast<T>(__builtin_inf());
-  auto term = [=](long i) { return absval(g[i]) < inf ? T(0) : T(1); };
+// counted in arithmetic-type lanes (exact: a lane sees block / kLanes < 2^24 elements)
+// because int64 lanes would need a widening conversion per element.
+template <typename F>
+void nonfinite_of(const typename F::Storage* g, long n, long block, long b0, long b1,
+                  long* out) {
+  using A = typename F::Arith;
+  const A inf = static_cast<A>(__builtin_inf());
+  auto term = [=](long i) { return absval(F::value(g[i])) < inf ? A(0) : A(1); };
   auto line_term = [=](long i) {
-    const Line<T> zero = {};
-    return absval(load_line(g + i)) < inf ? zero : zero + T(1);
+    const Line<A> zero = {};
+    return absval(F::load(g + i)) < inf ? zero : zero + A(1);
   };
-  block_sums<T, long>(n, block, b0, b1, out, term, line_term);
+  block_sums<A, long>(n, block, b0, b1, out, term, line_term);
 }
 
 // w + scale * T(w)^2 g for one element or one line (V = T or Line<T>).
@@ -228,22 +242,26 @@ void ascent(T* w, const T* g, T* backup, long begin, long end, T scale, T eta, b
   }
 }
 
-// The momentum buffer's value as stored: itself when storage is the arithmetic type.
+// Rounds the momentum buffer's new value to what storage holds: nothing to do when storage is
+// the arithmetic type.
 struct AsIs {
   template <typename V>
-  V operator()(const V& v) const { return v; }
+  void operator()(V&) const {}
 };
 
 // torch.optim.SGD's update from the weight w0 (one element or one line, V = T or Line<T>), in
 // its order of operations (see csrc/samfast.cpp); the momentum buffer is read and written
-// through `buf`, and the step uses it as stored (`stored`: rounds it to a 16-bit format).
+// through `buf`, and the step uses it as stored (`stored(b)` rounds b to a 16-bit format).
+// (always inlined: a line returned from an out-of-line call would change the ABI below
+// AVX-512, and GCC warns of it at the end of the file, past the pragma above)
 template <bool kMomentum, bool kNesterov, bool kFirst, typename V, typename T,
           typename Stored = AsIs>
-inline V sgd_element(const V& w0, const V& g, V& buf, T lr, T momentum, T dampening, T wd,
+inline __attribute__((always_inline)) V sgd_element(const V& w0, const V& g, V& buf, T lr, T momentum, T dampening, T wd,
                      Stored stored = Stored()) {
   V d = g + wd * w0;
   if (kMomentum) {
-    const V b = stored(kFirst ? d : buf * momentum + (T(1) - dampening) * d);
+    V b = kFirst ? d : buf * momentum + (T(1) - dampening) * d;
+    stored(b);
     buf = b;
     d = kNesterov ? d + momentum * b : b;
   }
@@ -292,8 +310,13 @@ void restore_sgd(T* w, const T* g, const T* backup, T* buf, long begin, long end
 template <typename T>
 void sq_norm_blocks_any(const T* g, const T* w, long n, long block, long b0, long b1,
                         bool adaptive, T eta, T* out) {
-  adaptive ? sq_norm_blocks<T, true>(g, w, n, block, b0, b1, eta, out)
-           : sq_norm_blocks<T, false>(g, w, n, block, b0, b1, eta, out);
+  adaptive ? sq_norm_of<Wide<T>, true>(g, w, n, block, b0, b1, eta, out)
+           : sq_norm_of<Wide<T>, false>(g, w, n, block, b0, b1, eta, out);
+}
+
+template <typename T>
+void nonfinite_blocks(const T* g, long n, long block, long b0, long b1, long* out) {
+  nonfinite_of<Wide<T>>(g, n, block, b0, b1, out);
 }
 
 template <typename T>
@@ -306,19 +329,33 @@ void ascent_any(T* w, const T* g, T* backup, long begin, long end, T scale, bool
   }
 }
 
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
+// Calls f(Flag<momentum>(), Flag<nesterov>(), Flag<first>()) for the SGD variants the kernels
+// are instantiated for (without momentum, nesterov and first do not matter).
+template <typename F>
+void with_sgd_flags(bool momentum, bool nesterov, bool first, F f) {
+  if (!momentum) {
+    f(Flag<false>(), Flag<false>(), Flag<false>());
+  } else if (first) {
+    nesterov ? f(Flag<true>(), Flag<true>(), Flag<true>())
+             : f(Flag<true>(), Flag<false>(), Flag<true>());
+  } else {
+    nesterov ? f(Flag<true>(), Flag<true>(), Flag<false>())
+             : f(Flag<true>(), Flag<false>(), Flag<false>());
+  }
+}
+
 template <typename T>
 void restore_sgd_any(T* w, const T* g, const T* backup, T* buf, long begin, long end, T lr,
                      T momentum, T dampening, T wd, bool nesterov, bool first, bool stream) {
-#define SAMFAST_SGD_CASE(M, N, F) \
-  restore_sgd<T, M, N, F>(w, g, backup, buf, begin, end, lr, momentum, dampening, wd, stream)
-  if (momentum == T(0)) {
-    SAMFAST_SGD_CASE(false, false, false);
-  } else if (first) {
-    nesterov ? SAMFAST_SGD_CASE(true, true, true) : SAMFAST_SGD_CASE(true, false, true);
-  } else {
-    nesterov ? SAMFAST_SGD_CASE(true, true, false) : SAMFAST_SGD_CASE(true, false, false);
-  }
-#undef SAMFAST_SGD_CASE
+  with_sgd_flags(momentum != T(0), nesterov, first, [&](auto m, auto nv, auto fi) {
+    restore_sgd<T, decltype(m)::value, decltype(nv)::value, decltype(fi)::value>(
+        w, g, backup, buf, begin, end, lr, momentum, dampening, wd, stream);
+  });
 }
 
 // ---- 16-bit storage (bf16, fp16) -------------------------------------------------------------
@@ -339,7 +376,9 @@ constexpr int kFp16 = 1;
 template <int kFormat> struct Format16;
 
 template <> struct Format16<kBf16> {
-  static float to_float(unsigned short h) {
+  using Storage = unsigned short;
+  using Arith = float;
+  static float value(unsigned short h) {
     const unsigned int u = static_cast<unsigned int>(h) << 16;
     float f;
     __builtin_memcpy(&f, &u, sizeof f);
@@ -371,7 +410,9 @@ template <> struct Format16<kBf16> {
 };
 
 template <> struct Format16<kFp16> {
-  static float to_float(unsigned short h) { return SAMFAST_F16_TO_F32(h); }
+  using Storage = unsigned short;
+  using Arith = float;
+  static float value(unsigned short h) { return SAMFAST_F16_TO_F32(h); }
   static unsigned short from_float(float f) { return SAMFAST_F32_TO_F16(f); }
   static LineF32 load(const unsigned short* p) {
     LineF32 f;
@@ -384,37 +425,14 @@ template <> struct Format16<kFp16> {
 template <int kFormat>
 void sq_norm_blocks16(const unsigned short* g, const unsigned short* w, long n, long block,
                       long b0, long b1, bool adaptive, float eta, float* out) {
-  using C = Format16<kFormat>;
-  if (adaptive) {
-    block_sums<float, float>(n, block, b0, b1, out, [=](long i) {
-      const float x = C::to_float(g[i]) * (absval(C::to_float(w[i])) + eta);
-      return x * x;
-    }, [=](long i) {
-      const LineF32 x = C::load(g + i) * (absval(C::load(w + i)) + eta);
-      return x * x;
-    });
-  } else {
-    block_sums<float, float>(n, block, b0, b1, out, [=](long i) {
-      const float x = C::to_float(g[i]);
-      return x * x;
-    }, [=](long i) {
-      const LineF32 x = C::load(g + i);
-      return x * x;
-    });
-  }
+  adaptive ? sq_norm_of<Format16<kFormat>, true>(g, w, n, block, b0, b1, eta, out)
+           : sq_norm_of<Format16<kFormat>, false>(g, w, n, block, b0, b1, eta, out);
 }
 
 template <int kFormat>
 void nonfinite_blocks16(const unsigned short* g, long n, long block, long b0, long b1,
                         long* out) {
-  using C = Format16<kFormat>;
-  const float inf = __builtin_inff();
-  block_sums<float, long>(n, block, b0, b1, out, [=](long i) {
-    return absval(C::to_float(g[i])) < inf ? 0.0f : 1.0f;
-  }, [=](long i) {
-    const LineF32 zero = {};
-    return absval(C::load(g + i)) < inf ? zero : zero + 1.0f;
-  });
+  nonfinite_of<Format16<kFormat>>(g, n, block, b0, b1, out);
 }
 
 template <int kFormat, bool kAdaptive>
@@ -429,7 +447,7 @@ void ascent16(unsigned short* __restrict__ w, const unsigned short* __restrict__
   }
   for (; i < end; ++i) {
     backup[i] = w[i];
-    w[i] = C::from_float(ascent_element<kAdaptive>(C::to_float(backup[i]), C::to_float(g[i]),
+    w[i] = C::from_float(ascent_element<kAdaptive>(C::value(backup[i]), C::value(g[i]),
                                                    scale, eta));
   }
 }
@@ -441,12 +459,12 @@ void restore_sgd16(unsigned short* w, const unsigned short* g, const unsigned sh
                    unsigned short* buf, long begin, long end, float lr, float momentum,
                    float dampening, float wd) {
   using C = Format16<kFormat>;
-  auto stored_line = [](const LineF32& b) {
+  auto stored_line = [](LineF32& b) {
     unsigned short h[kHalfLine];
     C::store(h, b);
-    return C::load(h);
+    b = C::load(h);
   };
-  auto stored = [](float b) { return C::to_float(C::from_float(b)); };
+  auto stored = [](float& b) { b = C::value(C::from_float(b)); };
   long i = begin;
   for (; i + kHalfLine <= end; i += kHalfLine) {
     LineF32 m = kMomentum ? C::load(buf + i) : LineF32{};
@@ -456,9 +474,9 @@ void restore_sgd16(unsigned short* w, const unsigned short* g, const unsigned sh
     C::store(w + i, out);
   }
   for (; i < end; ++i) {
-    float m = kMomentum ? C::to_float(buf[i]) : 0.0f;
+    float m = kMomentum ? C::value(buf[i]) : 0.0f;
     const float out = sgd_element<kMomentum, kNesterov, kFirst>(
-        C::to_float(backup[i]), C::to_float(g[i]), m, lr, momentum, dampening, wd, stored);
+        C::value(backup[i]), C::value(g[i]), m, lr, momentum, dampening, wd, stored);
     if (kMomentum) buf[i] = C::from_float(m);
     w[i] = C::from_float(out);
   }
@@ -475,16 +493,10 @@ template <int kFormat>
 void restore_sgd16_any(unsigned short* w, const unsigned short* g, const unsigned short* backup,
                        unsigned short* buf, long begin, long end, float lr, float momentum,
                        float dampening, float wd, bool nesterov, bool first) {
-#define SAMFAST_SGD16_CASE(M, N, F) \
-  restore_sgd16<kFormat, M, N, F>(w, g, backup, buf, begin, end, lr, momentum, dampening, wd)
-  if (momentum == 0.0f) {
-    SAMFAST_SGD16_CASE(false, false, false);
-  } else if (first) {
-    nesterov ? SAMFAST_SGD16_CASE(true, true, true) : SAMFAST_SGD16_CASE(true, false, true);
-  } else {
-    nesterov ? SAMFAST_SGD16_CASE(true, true, false) : SAMFAST_SGD16_CASE(true, false, false);
-  }
-#undef SAMFAST_SGD16_CASE
+  with_sgd_flags(momentum != 0.0f, nesterov, first, [&](auto m, auto nv, auto fi) {
+    restore_sgd16<kFormat, decltype(m)::value, decltype(nv)::value, decltype(fi)::value>(
+        w, g, backup, buf, begin, end, lr, momentum, dampening, wd);
+  });
 }
 
 #define SAMFAST_INSTANTIATE_16(F)                                                           \
