@@ -65,9 +65,10 @@ def implementations(model_name: str, device: torch.device,
             base.first_step()
             base.second_step()
         fns[name] = base_step
-    fused = torch.optim.SGD(fresh_params(model_name, device, dtype=dtype), fused=True, **SGD)
+    sgd_params = fresh_params(model_name, device, dtype=dtype)
+    fused = torch.optim.SGD(sgd_params, fused=True, **SGD)
     fns["SGD(fused) alone"] = fused.step
-    n = sum(p.numel() for p in fresh_params(model_name, device))
+    n = sum(p.numel() for p in sgd_params)
     src = torch.randn(n, device=device).to(dtype)
     dst = torch.empty_like(src)
     fns["copy (bandwidth)"] = lambda: dst.copy_(src)
@@ -93,11 +94,11 @@ def main(argv=None) -> None:
     env = environment(device)
     print(", ".join(f"{k}={v}" for k, v in env.items()))
     raw, sections = {}, []
+    dtype = DTYPES[args.dtype]
     for model_name in args.models:
-        dtype = DTYPES[args.dtype]
         fns = implementations(model_name, device, dtype)
-        n_params = sum(p.numel() for p in fresh_params(model_name, device))
-        n_tensors = len(fresh_params(model_name, device))
+        shapes = [p.shape for p in build_model(model_name).parameters()]
+        n_params, n_tensors = sum(s.numel() for s in shapes), len(shapes)
         samples = time_interleaved(fns, device, rounds=args.rounds)
         raw[model_name] = samples
         loop = median(samples["loop (davda54)"])
