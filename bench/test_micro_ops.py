@@ -56,8 +56,9 @@ def test_restore_and_sgd(benchmark, buffers, backend):
     ops = resolve_backend(backend, {DEVICE}).ops
     w, g, backup, buf, skip = buffers
     lr = torch.tensor(0.1, dtype=torch.float64, device=DEVICE)
+    started = torch.tensor(True, device=DEVICE)
     _run(benchmark, lambda: ops.restore_sgd_(w, g, backup, buf, skip, lr, 0.9, 0.0, 5e-4,
-                                             True, False))
+                                             True, started))
 
 
 def test_sgd_fused_reference_point(benchmark, buffers):

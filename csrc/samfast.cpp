@@ -1,4 +1,5 @@
-// samfast._C: the op schemas of the native backend and their CPU kernels.
+// samfast._C: the CPU kernels of the native backend's ops (namespace samfast; the schemas and
+// the maths of each op are declared in samfast/ops.py).
 //
 // Every op works on 1-D contiguous slices of samfast's flat buffers (see samfast/flat.py and
 // samfast/backends/fused.py for the maths). Arithmetic is in float for fp32/fp16/bf16 storage
@@ -129,6 +130,21 @@ void check_flat(const at::Tensor& t, const at::Tensor& like, const char* name) {
               ", expected ", like.device());
 }
 
+// skip / started: one-element bool tensors on the buffers' device, read there.
+void check_flag(const at::Tensor& flag, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(flag.numel() == 1 && flag.scalar_type() == at::kBool &&
+                  flag.device() == like.device(),
+              "samfast: ", name, " must be a one-element bool tensor on ", like.device());
+}
+
+// scale: a one-element tensor in the opmath dtype (float64 for fp64 buffers, else float32).
+void check_scale(const at::Tensor& scale, const at::Tensor& like) {
+  const auto opmath = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == opmath &&
+                  scale.device() == like.device(),
+              "samfast: scale must be a one-element ", opmath, " tensor on ", like.device());
+}
+
 // The kernels of csrc/cpu/kernels.h: fp32/fp64 over T*, bf16/fp16 over their 16-bit patterns
 // with the format as a template argument (0 = bf16, 1 = fp16, as kBf16 / kFp16 there).
 bool is_wide(const at::Tensor& t) {
@@ -217,6 +233,8 @@ void ascent_cpu(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const at
   check_flat(w, w, "w");
   check_flat(g, w, "g");
   check_flat(backup, w, "backup");
+  check_flag(skip, w, "skip");
+  check_scale(scale, w);
   if (skip.item<bool>()) {
     backup.copy_(w);
     return;
@@ -253,14 +271,18 @@ void ascent_cpu(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const at
 void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
                      at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr_t,
                      double momentum, double dampening, double weight_decay, bool nesterov,
-                     bool first) {
+                     const at::Tensor& started) {
   check_flat(w, w, "w");
   check_flat(g, w, "g");
   check_flat(backup, w, "backup");
   if (momentum != 0) check_flat(buf, w, "buf");
-  TORCH_CHECK(lr_t.numel() == 1 && lr_t.device() == w.device(),
-              "samfast: lr must be a one-element tensor on ", w.device());
+  check_flag(skip, w, "skip");
+  check_flag(started, w, "started");
+  TORCH_CHECK(lr_t.numel() == 1 && lr_t.device() == w.device() &&
+                  lr_t.scalar_type() == at::kDouble,
+              "samfast: lr must be a one-element float64 tensor on ", w.device());
   const double lr = lr_t.item<double>();
+  const bool first = !started.item<bool>();
   if (skip.item<bool>()) {
     if (!backup.is_same(w)) w.copy_(backup);
     return;
@@ -294,18 +316,8 @@ void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backu
 
 }  // namespace
 
-TORCH_LIBRARY(samfast, m) {
-  m.def("sq_norm(Tensor g, Tensor w, bool adaptive, float eta) -> Tensor");
-  m.def("nonfinite(Tensor g) -> Tensor");
-  m.def("ascent_(Tensor(a!) w, Tensor g, Tensor(b!) backup, Tensor scale, Tensor skip, "
-        "bool adaptive, float eta) -> ()");
-  // lr is a tensor (the kernels read it on the device: no host sync, and a CUDA graph replays
-  // the current value of a tensor lr that a scheduler updates in place).
-  m.def("restore_sgd_(Tensor(a!) w, Tensor g, Tensor backup, Tensor(b!) buf, Tensor skip, "
-        "Tensor lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-        "bool first) -> ()");
-}
-
+// The schemas are declared once, in samfast/ops.py (the contract every backend implements),
+// before this library is loaded; here only the CPU implementations are registered.
 TORCH_LIBRARY_IMPL(samfast, CPU, m) {
   m.impl("sq_norm", &sq_norm_cpu);
   m.impl("nonfinite", &nonfinite_cpu);

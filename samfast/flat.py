@@ -3,31 +3,53 @@
 A :class:`FlatBucket` owns, for the params of one (param group, device, dtype):
 
 * ``param`` — one contiguous buffer; every ``p.data`` becomes a view into it,
-* ``grad`` — one contiguous buffer; every ``p.grad`` is a view into it (autograd accumulates
-  into an existing ``.grad`` in place, so backward writes straight into the buffer),
+* ``grad`` — one contiguous buffer holding the gradients the step reads,
 * ``backup`` — the pre-ascent weights (SAM's one extra parameter-sized buffer),
-* ``momentum`` — SGD's momentum, whose per-param views are what ``optimizer.state`` holds.
+* ``momentum`` — SGD's momentum, whose per-param views are what ``optimizer.state`` holds,
 
 so a SAM step is a handful of kernels over a few long buffers instead of several kernels per
 tensor. Each view keeps the strides of the param it replaces (channels_last stays
 channels_last); elementwise kernels only need param and grad views to share strides.
 
-torch semantics survive: :meth:`active_mask` reports a param as having no gradient when its
-grad is None, or when no backward reached it since :meth:`zero_grad` (tracked with
-post-accumulate-grad hooks). Code that replaces ``p.grad`` (``model.zero_grad()`` sets it to
-None, after which autograd allocates a fresh tensor) is detected: the gradient is copied into
-the buffer and the view put back — correct, but one extra copy per step. Params moved or
-re-created behind the optimizer's back (``load_state_dict(assign=True)``, ``p.data = ...``)
-are adopted again the same way; a param that changed device or dtype raises.
+Layout: every param's slice starts at a multiple of :data:`ALIGN` elements and is followed by
+zeros up to the next such multiple, so every run of params a kernel sees starts 16-byte aligned
+and has a length divisible by 16 — what the vectorized (128-bit) specializations of the GPU
+kernels need (Triton specializes pointers aligned to 16 bytes and sizes divisible by 16). The
+padding stays zero in every buffer: no op moves a zero weight with a zero gradient (ascent:
+0 + scale * T^2 * 0; SGD: d = 0 + wd * 0, buf = m * 0 + 0, w = 0 - lr * 0), and zeros add
+nothing to a sum of squares. It costs at most 15 elements per param.
+
+Gradients follow torch's contract exactly. ``p.grad`` is None until a backward reaches p (or
+the user assigns it); the post-accumulate-grad hook the optimizer registers (see
+``samfast.sam``) then copies the fresh gradient, which autograd allocated as it would for any
+optimizer, into the flat buffer while it is hot in cache, and points ``p.grad`` at its view;
+further backward passes (micro-batch accumulation) add into that view in place. A gradient the
+user assigned or wrote after the last backward is copied in at the step (one warning: the copy
+path is slower). ``zero_grad()`` sets every grad to None (no fill at all);
+``zero_grad(set_to_none=False)`` zeroes them, and such params are stepped with zero gradients,
+as torch.optim does. A param is stepped exactly when ``p.grad is not None``.
+
+SGD momentum: torch starts a param's buffer as a copy of its first update, on its first step
+that is not skipped. Whether that step was skipped is a device flag (no host sync), so whether
+each buffer has started is kept on the device too (``started``, one bool per param) and the
+kernel reads it. Params whose step histories are identical share one ``started`` value; they
+form a *cohort* (host-side bookkeeping), and a kernel launch covers consecutive params of one
+cohort. Usually every param is stepped every time: one cohort, one launch per bucket.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
 from torch import Tensor
+
+# Elements: 16 x 2 bytes (fp16/bf16) = 32 bytes, fp32 64 bytes (a CPU cache line), fp64 128.
+ALIGN = 16
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def _view_like(buf: Tensor, offset: int, p: Tensor) -> Tensor:
@@ -57,48 +79,37 @@ class FlatBucket:
         self.params = params
         self.group_index = group_index
         self.device, self.dtype = params[0].device, params[0].dtype
-        self.offsets, self.ends, offset = [], [], 0
+        self.offsets, offset = [], 0
         for p in params:
             self.offsets.append(offset)
-            offset += p.numel()
-            self.ends.append(offset)
+            offset += _padded(p.numel())
+        # A param's slice runs to the next param's offset: a run includes its zero padding.
+        self.ends = self.offsets[1:] + [offset]
         self.numel = offset
         kw = dict(dtype=self.dtype, device=self.device)
-        self.param = torch.empty(self.numel, **kw)
+        self.param = torch.zeros(self.numel, **kw)
         self.grad = torch.zeros(self.numel, **kw)
-        self.backup = torch.empty(self.numel, **kw)
-        self.momentum: Tensor | None = None
+        self.backup = torch.zeros(self.numel, **kw)
         self.param_views = [_view_like(self.param, o, p) for o, p in zip(self.offsets, params)]
         self.param_ptrs = [v.data_ptr() for v in self.param_views]
         self.grad_views = [_view_like(self.grad, o, p) for o, p in zip(self.offsets, params)]
-        self.momentum_views: list[Tensor] = []
-        # True once every stepped param's state holds its momentum view; cleared when the
-        # optimizer's state is replaced (load_state_dict), so the per-step check is skipped.
-        self.momentum_adopted = False
-        self.received = [False] * len(params)
-        # Frozen params cannot take a hook: their grad stays a plain attribute (None) until
-        # they are unfrozen and receive one, which the copy path then adopts and hooks.
-        self.hooked = [False] * len(params)
         self._warned_copy = False
+        # SGD momentum (allocated on the first SGD step)
+        self.momentum: Tensor | None = None
+        self.momentum_views: list[Tensor] = []
+        self.started: Tensor | None = None       # device: has param i's buffer started?
+        self.started_views: list[Tensor] = []
+        self.started_host: list[bool] | None = [False] * len(params)  # None: device-only
+        self.cohort = [0] * len(params)
+        self._next_cohort = 1
+        self.published = [False] * len(params)   # state[p] holds its momentum view
+        self._mask_tensors: dict[tuple, Tensor] = {}
         with torch.no_grad():
             for i, p in enumerate(params):
                 self._adopt_param(i)
                 if p.grad is not None:
                     self.grad_views[i].copy_(p.grad)
-                    self.received[i] = True
-                self._hook(i)
-                if self.hooked[i]:
                     p.grad = self.grad_views[i]
-
-    def _hook(self, i: int) -> None:
-        p = self.params[i]
-        if self.hooked[i] or not p.requires_grad:
-            return
-
-        def mark_received(_: Tensor) -> None:
-            self.received[i] = True
-        p.register_post_accumulate_grad_hook(mark_received)
-        self.hooked[i] = True
 
     def _adopt_param(self, i: int) -> None:
         p = self.params[i]
@@ -110,6 +121,72 @@ class FlatBucket:
         if p.data_ptr() != view.data_ptr():
             view.copy_(p.detach())
             p.data = view
+
+    # -- gradients ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def adopt_grad(self, i: int) -> None:
+        """After a backward reached param i (its post-accumulate-grad hook): move a freshly
+        allocated gradient into the flat buffer and point ``p.grad`` at its view. A gradient
+        that is part of a graph (``create_graph=True``) stays where it is (copied at the step)."""
+        p = self.params[i]
+        g, view = p.grad, self.grad_views[i]
+        if (g is None or g is view or g.is_sparse or g.requires_grad
+                or p.dtype != self.dtype or p.device != self.device):  # the step will say why
+            return
+        view.copy_(g)
+        p.grad = view
+
+    @torch.no_grad()
+    def active_mask(self) -> list[bool]:
+        """Which params have a gradient now (``p.grad is not None``, as torch.optim), with
+        every gradient in the flat buffer: one the user assigned or rewrote is copied in."""
+        mask = []
+        views, ptrs = self.grad_views, self.param_ptrs
+        for i, p in enumerate(self.params):
+            if p.data_ptr() != ptrs[i]:
+                self._adopt_param(i)
+            g = p.grad
+            if g is None:
+                mask.append(False)
+                continue
+            if g is not views[i]:
+                if g.is_sparse:
+                    raise RuntimeError("SAM does not support sparse gradients")
+                if not self._warned_copy:
+                    warnings.warn("samfast: a .grad that is not the flat buffer's view was "
+                                  "copied into it (gradients assigned by hand, written after "
+                                  "the backward, or DDP(gradient_as_bucket_view=True)); this "
+                                  "costs one copy per step. Gradients from backward() need no "
+                                  "copy.", stacklevel=4)
+                    self._warned_copy = True
+                views[i].copy_(g)
+            mask.append(True)
+        return mask
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; grads that are views are zeroed by one fill
+        of the buffer (padding included, which stays zero)."""
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
+            return
+        any_view = False
+        for p, view in zip(self.params, self.grad_views):
+            g = p.grad
+            if g is None:
+                continue
+            if g is view:
+                any_view = True
+                continue
+            if g.grad_fn is not None:
+                g.detach_()
+            else:
+                g.requires_grad_(False)
+            g.zero_()
+        if any_view:
+            self.grad.zero_()
 
     def _ranges(self, keys: list) -> list[tuple[int, int, object]]:
         """Maximal runs of consecutive params with the same key (None = skip)."""
@@ -126,105 +203,106 @@ class FlatBucket:
                 runs.append((start, end, key))
         return runs
 
-    @torch.no_grad()
-    def active_mask(self) -> list[bool]:
-        """Which params have a gradient now (torch semantics), after putting the views back."""
-        mask = []
-        views, ptrs, received = self.grad_views, self.param_ptrs, self.received
-        for i, p in enumerate(self.params):
-            if p.data_ptr() != ptrs[i]:
-                self._adopt_param(i)
-            g = p.grad
-            if g is views[i]:
-                mask.append(received[i])
-            elif g is None:
-                mask.append(False)
-            else:
-                if not self._warned_copy:
-                    warnings.warn("samfast: a .grad was replaced (model.zero_grad() sets it to "
-                                  "None; DDP(gradient_as_bucket_view=True) points it into DDP's "
-                                  "buckets): copying gradients into the flat buffer, which is "
-                                  "slower. Use opt.zero_grad() and DDP's default to keep the "
-                                  "fast path.", stacklevel=4)
-                    self._warned_copy = True
-                if g.is_sparse:
-                    raise RuntimeError("SAM does not support sparse gradients")
-                self.grad_views[i].copy_(g)
-                self._hook(i)
-                if self.hooked[i]:
-                    p.grad = self.grad_views[i]
-                    self.received[i] = True
-                mask.append(True)
-        return mask
-
-    @contextlib.contextmanager
-    def inactive_grads_hidden(self, mask: list[bool]):
-        """Inside: params without a gradient this step have ``grad = None``, so a base
-        optimizer's own step skips them as torch.optim does; the views come back after."""
-        hidden = [i for i, active in enumerate(mask) if not active and self.params[i].grad is not None]
-        for i in hidden:
-            self.params[i].grad = None
-        try:
-            yield
-        finally:
-            for i in hidden:
-                self.params[i].grad = self.grad_views[i]
-
     def runs(self, mask: list[bool]) -> list[tuple[int, int]]:
         return [(s, e) for s, e, _ in self._ranges([True if m else None for m in mask])]
 
     def inactive_runs(self, mask: list[bool]) -> list[tuple[int, int]]:
         return [(s, e) for s, e, _ in self._ranges([None if m else True for m in mask])]
 
+    def mask_tensor(self, mask: list[bool]) -> Tensor:
+        """``mask`` as a bool tensor on the device (cached: masks rarely change)."""
+        key = tuple(mask)
+        t = self._mask_tensors.get(key)
+        if t is None:
+            if len(self._mask_tensors) > 8:
+                self._mask_tensors.clear()
+            t = torch.tensor(mask, dtype=torch.bool).to(self.device)
+            self._mask_tensors[key] = t
+        return t
+
     # -- SGD momentum ---------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def momentum_runs(self, mask: list[bool], state: dict) -> list[tuple[int, int, bool]]:
-        """Active runs split by whether the momentum buffer exists yet (``first`` = it does
-        not: torch.optim.SGD then starts it as a copy of the update). Buffers found in
-        ``state`` that are not views into the flat buffer (a loaded checkpoint) are adopted."""
+    def _ensure_momentum(self) -> None:
         if self.momentum is None:
             self.momentum = torch.zeros_like(self.param)
             self.momentum_views = [_view_like(self.momentum, o, p)
                                    for o, p in zip(self.offsets, self.params)]
-        if self.momentum_adopted:
-            return [(s, e, False) for s, e in self.runs(mask)]
-        keys = []
-        for i, p in enumerate(self.params):
-            if not mask[i]:
-                keys.append(None)
-                continue
-            buf = state.get(p, {}).get("momentum_buffer") if p in state else None
-            if buf is None:
-                keys.append(True)
-                continue
-            if buf is not self.momentum_views[i]:
-                self.momentum_views[i].copy_(buf)
-                state[p]["momentum_buffer"] = self.momentum_views[i]
-            keys.append(False)
-        return list(self._ranges(keys))
+            self.started = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
+            self.started_views = list(self.started.unbind())
 
-    def publish_momentum(self, mask: list[bool], state: dict) -> None:
-        """After an SGD step, the stepped params' state points at their momentum views."""
-        if self.momentum_adopted:
-            return
-        for i, p in enumerate(self.params):
-            if mask[i]:
-                state[p]["momentum_buffer"] = self.momentum_views[i]
-        self.momentum_adopted = all(mask)  # else params without a buffer remain: keep checking
+    def momentum_runs(self, mask: list[bool]) -> list[tuple[int, int, Tensor]]:
+        """Active runs, each within one cohort, with the device flag saying whether the run's
+        buffers have started."""
+        self._ensure_momentum()
+        first_of: dict[int, int] = {}
+        for i, c in enumerate(self.cohort):
+            first_of.setdefault(c, i)
+        keys = [self.cohort[i] if m else None for i, m in enumerate(mask)]
+        return [(s, e, self.started_views[first_of[c]]) for s, e, c in self._ranges(keys)]
+
+    def momentum_stepped(self, mask: list[bool], skip: Tensor | bool, state: dict) -> None:
+        """After an SGD step over ``mask`` (skipped if ``skip``): the stepped params' buffers
+        have started unless the step was skipped; their state holds their momentum views."""
+        every = all(mask)
+        if isinstance(skip, Tensor):  # device flag (CUDA): no host sync
+            self.started.logical_or_(~skip if every else self.mask_tensor(mask) & ~skip)
+            self.started_host = None
+        elif not skip:
+            if every:
+                self.started.fill_(True)
+            else:
+                self.started.logical_or_(self.mask_tensor(mask))
+            if self.started_host is not None:
+                self.started_host = [s or m for s, m in zip(self.started_host, mask)]
+        if not every:
+            self._split_cohorts(mask)
+        if not all(self.published):
+            for i, p in enumerate(self.params):
+                if mask[i] and not self.published[i]:
+                    state[p]["momentum_buffer"] = self.momentum_views[i]
+                    self.published[i] = True
+
+    def _split_cohorts(self, mask: list[bool]) -> None:
+        """A cohort whose params were partly stepped splits: the stepped ones' flags changed."""
+        members: dict[int, list[int]] = {}
+        for i, c in enumerate(self.cohort):
+            members.setdefault(c, []).append(i)
+        for idx in members.values():
+            stepped = [mask[i] for i in idx]
+            if any(stepped) and not all(stepped):
+                for i in idx:
+                    if not mask[i]:
+                        self.cohort[i] = self._next_cohort
+                self._next_cohort += 1
+
+    def unstarted(self) -> list[bool]:
+        """Per param: True when its momentum buffer has not started (reads the device flags
+        once after steps whose skip decision stayed on the device)."""
+        if self.started is None:
+            return [True] * len(self.params)
+        if self.started_host is None:
+            self.started_host = self.started.tolist()
+        return [not s for s in self.started_host]
 
     @torch.no_grad()
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """One fill over the grad buffer. With ``set_to_none`` (torch's default) params count
-        as gradient-less until a backward reaches them, as if their grad were None."""
+    def adopt_state(self, state: dict) -> None:
+        """The optimizer's state was replaced (load_state_dict, reset): copy loaded momentum
+        buffers into the flat buffer, point the state at the views, and set the flags."""
+        has = []
+        for p in self.params:
+            entry = state.get(p) if p in state else None
+            has.append(entry is not None and entry.get("momentum_buffer") is not None)
+        if not any(has) and self.momentum is None:
+            return
+        self._ensure_momentum()
         for i, p in enumerate(self.params):
-            if not self.hooked[i]:
-                if set_to_none or p.grad is None:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
-            elif p.grad is not self.grad_views[i]:
-                p.grad = self.grad_views[i]
-        self.grad.zero_()
-        if set_to_none:
-            self.received = [False] * len(self.params)
+            if has[i]:
+                buf = state[p]["momentum_buffer"]
+                if buf is not self.momentum_views[i]:
+                    self.momentum_views[i].copy_(buf)
+                    state[p]["momentum_buffer"] = self.momentum_views[i]
+        self.published = list(has)
+        self.started_host = list(has)
+        self.started.copy_(torch.tensor(has, dtype=torch.bool))
+        self.cohort = [1 if h else 0 for h in has]
+        self._next_cohort = 2

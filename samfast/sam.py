@@ -8,6 +8,7 @@ schedulers and any code that edits groups see one set of hyper-parameters.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -44,7 +45,13 @@ def _check_tensor_or_number(name: str, value: Any) -> None:
     _check_number(name, value)
 
 
-def _check_group(group: dict) -> None:
+# Base-optimizer options SAM checks too: torch.optim compares them with `< 0`, which lets NaN
+# through (a NaN lr turns every weight into NaN at the first step).
+_BASE_NUMBERS = ("lr", "momentum", "dampening", "weight_decay")
+
+
+def _check_options(group: dict) -> None:
+    """The option values of one param group (SAM's and the checked base options)."""
     _check_tensor_or_number("rho", group["rho"])
     _check_number("eta", group["eta"])
     _check_number("eps", group["sam_eps"])
@@ -54,6 +61,13 @@ def _check_group(group: dict) -> None:
     if group.get("maximize", False):
         raise ValueError("Invalid maximize: True is not supported by SAM (the ascent would "
                          "need to flip sign); minimize the negated loss instead")
+    for key in _BASE_NUMBERS:
+        if key in group:
+            _check_tensor_or_number(key, group[key])
+
+
+def _check_group(group: dict) -> None:
+    _check_options(group)
     for p in group["params"]:
         if p.is_complex():
             raise ValueError("Invalid params: complex parameters are not supported by SAM")
@@ -61,6 +75,29 @@ def _check_group(group: dict) -> None:
             raise ValueError(f"Invalid params: {p.layout} parameters are not supported by SAM")
         if not p.is_floating_point():
             raise ValueError(f"Invalid params: dtype {p.dtype} is not a floating point dtype")
+
+
+# Per-param state entries of torch.optim optimizers that have the param's shape: a loaded
+# tensor of another shape would be broadcast into place by a copy, so it is refused.
+_PARAM_SHAPED_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                       "square_avg", "acc_delta", "sum", "grad_avg", "exp_inf", "ax", "prev",
+                       "step_size")
+
+
+def _grad_hook(optimizer_ref: weakref.ref):
+    """A post-accumulate-grad hook that reaches the optimizer through a weak reference, so a
+    dropped optimizer is freed (and its hooks removed) instead of living on in its params."""
+    def hook(p: Tensor) -> None:
+        optimizer = optimizer_ref()
+        if optimizer is not None:
+            optimizer._on_grad(p)
+    return hook
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 class SAM(torch.optim.Optimizer):
@@ -132,12 +169,55 @@ class SAM(torch.optim.Optimizer):
         self.sam_enabled = True
         self.skipped_steps = 0
         self._phase = _IDLE
+        self._first_pass_found_inf: dict = {}
+        # Post-accumulate-grad hooks: a backward reached a param (the fused backends move its
+        # fresh gradient into their flat buffer; step(closure) learns a backward ran before).
+        self._grads_arrived = False
+        self._hook_handles: list = []
+        self._hooked: set[int] = set()
+        self._unhooked: list[Tensor] = []
+        self._hook = _grad_hook(weakref.ref(self))
+        weakref.finalize(self, _remove_hooks, self._hook_handles)
+        self._hook_params(p for g in self.param_groups for p in g["params"])
 
     # -- param groups and state are the base optimizer's -------------------------------------
 
     def _share_base_state(self) -> None:
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+
+    # -- gradient hooks ---------------------------------------------------------------------
+
+    def _hook_params(self, params) -> None:
+        for p in params:
+            if id(p) in self._hooked:
+                continue
+            if not p.requires_grad:  # frozen: hooked once it is unfrozen
+                self._unhooked.append(p)
+                continue
+            self._hook_handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            self._hooked.add(id(p))
+
+    def _hook_unfrozen(self) -> None:
+        if self._unhooked:
+            waiting, self._unhooked = self._unhooked, []
+            self._hook_params(waiting)
+
+    def _on_grad(self, p: Tensor) -> None:
+        self._grads_arrived = True
+        self._backend.on_grad(p)
+
+    def _has_grads(self) -> bool:
+        return any(p.grad is not None for g in self.param_groups for p in g["params"])
+
+    def _check_lrs(self) -> None:
+        """A scheduler may have set a NaN or negative lr since the last check: refuse the step
+        before anything changes (tensor lrs are checked at construction only: no sync)."""
+        for i, group in enumerate(self.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr >= 0):
+                raise ValueError(f"Invalid lr: {lr!r} in param group {i} (must be a finite "
+                                 "number >= 0; was it set by an LR scheduler?)")
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
@@ -155,6 +235,7 @@ class SAM(torch.optim.Optimizer):
         else:
             self.base_optimizer.add_param_group(param_group)  # appends to our shared list
             self._backend.add_group(len(self.param_groups) - 1)
+            self._hook_params(self.param_groups[-1]["params"])
 
     @property
     def backend(self) -> str:
@@ -230,16 +311,21 @@ class SAM(torch.optim.Optimizer):
         self._first_pass_found_inf = {}
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, grad_scaler=None, *,
+                   agree_skip: Callable[[Tensor], None] | None = None) -> None:
         """Ascent: w <- w + e(g), remembering w. Skipped (counted) when N is not finite.
 
         With fp16 AMP pass ``grad_scaler`` (a ``torch.amp.GradScaler`` whose ``scale(loss)``
-        the backward used): the gradients are unscaled first."""
+        the backward used): the gradients are unscaled first. ``agree_skip`` (advanced: used by
+        :func:`samfast.distributed.sam_step` for per-replica ascents) receives the 0-d bool
+        skip flag and may change it in place, e.g. all-reduce it with MAX so that every
+        process skips together."""
         if self._phase != _IDLE:
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         self._check_grads()
+        self._check_lrs()
         self._unscale(grad_scaler, second=False)
-        skipped = self._backend.first_step(self.param_groups)
+        skipped = self._backend.first_step(self.param_groups, agree_skip)
         if skipped is True:
             self._phase = _SKIPPED
             self._count_skip(True)
@@ -256,12 +342,18 @@ class SAM(torch.optim.Optimizer):
         ``grad_scaler.update()`` (not ``grad_scaler.step``)."""
         if self._phase == _IDLE:
             raise RuntimeError("SAM.second_step called without a preceding first_step")
+        try:
+            self._check_lrs()
+        except ValueError:
+            self.abort_step()
+            raise
         self._unscale(grad_scaler, second=True)
         if self._phase == _PERTURBED:
             self._check_grads()
             self._count_skip(self._backend.second_step(self.param_groups,
                                                        self.base_optimizer.step))
         self._phase = _IDLE
+        self._grads_arrived = False
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
@@ -273,47 +365,71 @@ class SAM(torch.optim.Optimizer):
         if self._phase != _IDLE:
             raise RuntimeError("SAM.base_step called between first_step and second_step")
         self._check_grads()
+        self._check_lrs()
         self._unscale(grad_scaler, second=True)
         self._count_skip(self._backend.base_step(self.param_groups, self.base_optimizer.step))
+        self._grads_arrived = False
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
 
-    def _grad_snapshot(self) -> list:
-        return [(id(p.grad), p.grad._version if p.grad is not None else None)
-                for g in self.param_groups for p in g["params"]]
+    @torch.no_grad()
+    def abort_step(self) -> None:
+        """Undo a ``first_step``: put the weights back to w and return to idle, with the
+        optimizer state untouched (for a second pass that failed). A no-op when idle.
+        ``step(closure)`` calls it when the second closure pass raises."""
+        if self._phase == _PERTURBED:
+            self._backend.abort()
+        self._phase = _IDLE
+        self._first_pass_found_inf = {}
 
     def _run_closure(self, closure: Callable[[], Tensor], which: str) -> Tensor:
-        before = self._grad_snapshot()
         with torch.enable_grad():
             loss = closure()
-        if loss is None:
-            raise RuntimeError(f"SAM.step: the closure returned None in the {which} pass; it "
-                               "must zero the grads, run forward and backward, and return the loss")
-        if self._grad_snapshot() == before:
+        if not self._has_grads():
             raise RuntimeError(f"SAM.step: the closure computed no gradients in the {which} pass "
                                "(did it call loss.backward()?)")
         return loss
 
     def step(self, closure: Callable[[], Tensor] | None = None,  # type: ignore[override]
-             grad_scaler=None) -> Tensor:
-        """Full step from a closure (zero grads, forward, backward, return loss).
+             grad_scaler=None) -> Tensor | None:
+        """Full step from a closure that runs forward and backward and returns the loss.
+
+        Both closure conventions in use give the same step:
+
+        * no backward before ``step``: the closure is called for both passes (this
+          optimizer clears the gradients before each call, so the closure may zero them
+          itself or not); returns the first-pass loss;
+        * ``loss.backward(); opt.step(closure)`` (davda54/sam, pytorch-optimizer): the
+          gradients of that backward are the first pass, and the closure is called once, at
+          w + e; returns None, as they do.
 
         Two passes when ``sam_enabled`` (the second with the weights perturbed: see
-        ``perturbed``), else one pass and a base step. Returns the first-pass loss. With fp16
-        AMP the closure back-propagates ``grad_scaler.scale(loss)``; pass ``grad_scaler``
-        here and call ``grad_scaler.update()`` after.
+        ``perturbed``), else one pass and a base step. If the second pass raises, the weights
+        are restored before the exception propagates. With fp16 AMP the closure
+        back-propagates ``grad_scaler.scale(loss)``; pass ``grad_scaler`` here and call
+        ``grad_scaler.update()`` after.
         """
         if closure is None:
-            raise RuntimeError("SAM.step needs a closure (zero grads, forward, backward, return "
-                               "the loss); or call first_step() and second_step() yourself")
-        loss = self._run_closure(closure, "first")
+            raise RuntimeError("SAM.step needs a closure (forward, backward, return the loss); "
+                               "or call first_step() and second_step() yourself")
+        self._hook_unfrozen()
+        self._check_lrs()
+        if self._grads_arrived and self._has_grads():
+            loss = None  # the caller's backward was the first pass
+        else:
+            self.zero_grad()
+            loss = self._run_closure(closure, "first")
         if not self.sam_enabled:
             self.base_step(grad_scaler=grad_scaler)
             return loss
-        self.first_step(grad_scaler=grad_scaler)
+        self.first_step(zero_grad=True, grad_scaler=grad_scaler)
         if self._phase == _PERTURBED:
-            self._run_closure(closure, "second")
+            try:
+                self._run_closure(closure, "second")
+            except BaseException:
+                self.abort_step()
+                raise
         self.second_step(grad_scaler=grad_scaler)
         return loss
 
@@ -327,35 +443,107 @@ class SAM(torch.optim.Optimizer):
 
     # -- checkpoints ------------------------------------------------------------------------
 
+    def _params_in_order(self) -> list[Tensor]:
+        """Params in the order torch.optim numbers them in a state dict."""
+        return [p for g in self.param_groups for p in g["params"]]
+
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (groups carry the SAM options) plus samfast's own."""
+        """The base optimizer's state dict (groups carry the SAM options) plus samfast's own.
+        Loads with ``torch.load(weights_only=True)``; no host sync for ``skipped_steps``."""
         if self._phase == _PERTURBED:
             raise RuntimeError("SAM.state_dict called between first_step and second_step: the "
                                "model holds perturbed weights w + e; save after second_step")
         state = self.base_optimizer.state_dict()
+        unstarted = self._backend.unstarted_momentum()
+        if unstarted:  # their first step was skipped: torch would have no buffer yet
+            index = {id(p): i for i, p in enumerate(self._params_in_order())}
+            for p in unstarted:
+                i = index[id(p)]
+                entry = {k: v for k, v in state["state"][i].items() if k != "momentum_buffer"}
+                if entry:
+                    state["state"][i] = entry
+                else:
+                    del state["state"][i]
+        skipped = (self._skipped_host if self._skipped_device is None
+                   else self._skipped_device + self._skipped_host)
         state["samfast"] = {"format": _STATE_FORMAT, "sam_enabled": self.sam_enabled,
-                            "skipped_steps": self.skipped_steps}
+                            "skipped_steps": skipped}
         return state
 
+    def _validate_state_dict(self, state_dict: dict, own: dict) -> None:
+        """Everything a load would install, checked before anything changes."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError("Invalid state_dict: it needs 'state' and 'param_groups' (an "
+                             "optimizer state dict)")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"Invalid state_dict: {len(groups)} param groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        params = self._params_in_order()
+        for i, (saved, current) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or len(saved.get("params", ())) != len(current["params"]):
+                raise ValueError(f"Invalid state_dict: param group {i} does not match the "
+                                 "optimizer's (different number of params)")
+            options = {k: self.defaults[k] for k in _SAM_DEFAULT_KEYS}
+            options.update({k: v for k, v in saved.items() if k != "params"})
+            try:
+                _check_options(options)
+            except ValueError as exc:
+                raise ValueError(f"Invalid state_dict: param group {i}: {exc}") from None
+        for key, entry in state_dict["state"].items():
+            if not isinstance(key, int) or not 0 <= key < len(params):
+                raise ValueError(f"Invalid state_dict: state for param {key!r}, which the "
+                                 "optimizer does not have")
+            p = params[key]
+            for name in _PARAM_SHAPED_STATE:
+                t = entry.get(name) if isinstance(entry, dict) else None
+                if t is None:
+                    continue
+                if not isinstance(t, Tensor) or t.shape != p.shape or not t.is_floating_point():
+                    got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise ValueError(f"Invalid state_dict: {name} of param {key} is {got}, the "
+                                     f"param has shape {tuple(p.shape)}")
+        skipped = own.get("skipped_steps", 0)
+        if isinstance(skipped, Tensor):
+            skipped = int(skipped)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"Invalid state_dict: samfast.skipped_steps is {skipped!r}")
+        if not isinstance(own.get("sam_enabled", True), bool):
+            raise ValueError("Invalid state_dict: samfast.sam_enabled must be a bool")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim``: every value is validated first (shapes, option values, a finite
+        lr...), so a refused load leaves the optimizer exactly as it was."""
         if self._phase == _PERTURBED:
             raise RuntimeError("SAM.load_state_dict called between first_step and second_step")
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"Invalid state_dict: a dict, not {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         own = state_dict.pop("samfast", {})
-        self.base_optimizer.load_state_dict(state_dict)
+        if not isinstance(own, dict):
+            raise ValueError("Invalid state_dict: its 'samfast' entry must be a dict")
+        self._validate_state_dict(state_dict, own)
+        old_state, old_groups = self.base_optimizer.state, self.base_optimizer.param_groups
+        try:
+            self.base_optimizer.load_state_dict(state_dict)
+        except BaseException:
+            self.base_optimizer.state, self.base_optimizer.param_groups = old_state, old_groups
+            raise
         self._share_base_state()  # load_state_dict replaced the base's lists
-        self._backend.state_replaced()
         for group in self.param_groups:
             for key in _SAM_DEFAULT_KEYS:
                 group.setdefault(key, self.defaults[key])
-            _check_group(group)
-        self.sam_enabled = bool(own.get("sam_enabled", True))
-        self.skipped_steps = int(own.get("skipped_steps", 0))
+        self._backend.state_replaced()
+        self.sam_enabled = own.get("sam_enabled", True)
+        skipped = own.get("skipped_steps", 0)
+        self.skipped_steps = int(skipped)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``torch.optim``; the fused backends zero their flat grad buffer in one kernel
-        and keep each ``p.grad`` a view into it (a param still counts as having no gradient
-        until a backward reaches it, as if ``set_to_none`` had set it to None)."""
+        """As ``torch.optim``: with ``set_to_none`` every ``p.grad`` becomes None; otherwise
+        existing grads are zeroed in place (one fill of the flat buffer on the fused
+        backends) and those params are stepped with zero gradients."""
+        self._hook_unfrozen()
+        self._grads_arrived = False
         self._backend.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:

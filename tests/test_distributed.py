@@ -59,15 +59,17 @@ def _worker(rank, port, out, ascent, backend, schedule_start):
         with warnings.catch_warnings():
             # DDP (default gradient_as_bucket_view=False) must write its averaged gradients
             # into the flat buffers' views: no silent copy on every step.
-            warnings.filterwarnings("error", message=".*copying gradients.*")
+            warnings.filterwarnings("error", message=".*copied into it.*")
             for step in range(STEPS):
                 schedule.apply(opt, step)  # per-step phases: SGD first, then SAM
                 x, y = full_batch(step)
                 xs, ys = shard(x, rank), shard(y, rank)
                 sam_step(ddp, opt, lambda: F.cross_entropy(ddp(xs), ys), ascent=ascent)
-        if backend != "reference":
+        if backend != "reference":  # DDP's averaged gradients land in the flat buffer
+            F.cross_entropy(ddp(xs), ys).backward()
             flat = opt._backend.buckets[0].grad.untyped_storage().data_ptr()
             assert all(p.grad.untyped_storage().data_ptr() == flat for p in model.parameters())
+            opt.zero_grad()
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
                    os.path.join(out, f"rank{rank}.pt"))
         if rank == 0:

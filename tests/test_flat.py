@@ -54,6 +54,12 @@ def sam_step(model, opt, step, zero=None, dtype=torch.float32):
     opt.second_step()
 
 
+def padded_numel(model) -> int:
+    """Flat-buffer length: each param padded to a multiple of ALIGN elements."""
+    from samfast.flat import ALIGN
+    return sum(-(-p.numel() // ALIGN) * ALIGN for p in model.parameters())
+
+
 def params_of(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -80,12 +86,18 @@ def test_params_and_grads_are_views_into_flat_buffers(backend):
     before = params_of(model)
     opt = samfast.SAM(model.parameters(), backend=backend, lr=0.1, momentum=0.9)
     bucket = opt._backend.buckets[0]
-    n = sum(p.numel() for p in model.parameters())
-    assert bucket.param.numel() == n and len(opt._backend.buckets) == 1
+    assert bucket.param.numel() == padded_numel(model) and len(opt._backend.buckets) == 1
     for p, name in zip(model.parameters(), before):
         assert p.untyped_storage().data_ptr() == bucket.param.untyped_storage().data_ptr()
-        assert p.grad.untyped_storage().data_ptr() == bucket.grad.untyped_storage().data_ptr()
+        assert p.grad is None  # as torch: no gradient before a backward
         assert torch.equal(p.detach(), before[name])
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    for p in model.parameters():
+        if p.grad is not None:  # a backward's gradient lands in the flat buffer
+            assert p.grad.untyped_storage().data_ptr() == bucket.grad.untyped_storage().data_ptr()
+    assert model.unused_head.weight.grad is None
+    opt.zero_grad()
     sam_step(model, opt, 0)
     assert all(opt.state[p]["momentum_buffer"].untyped_storage().data_ptr()
                == bucket.momentum.untyped_storage().data_ptr()
@@ -99,7 +111,7 @@ def test_memory_overhead_is_one_parameter_sized_buffer(backend):
     model = make_model()
     opt = samfast.SAM(model.parameters(), backend=backend, lr=0.1, momentum=0.9)
     sam_step(model, opt, 0)
-    n = sum(p.numel() for p in model.parameters())
+    n = padded_numel(model)
     bucket = opt._backend.buckets[0]
     buffers = [bucket.param, bucket.grad, bucket.momentum, bucket.backup]
     assert [b.numel() for b in buffers] == [n] * 4
@@ -115,14 +127,25 @@ def test_unused_head_is_neither_perturbed_nor_stepped(backend):
     assert_models_close(ref, fused)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("backend", FUSED)
-def test_grads_replaced_by_model_zero_grad_fall_back_to_copying(backend):
-    with pytest.warns(UserWarning, match="copying gradients"):
-        (ref, fused), _ = train_pair(backend, zero=lambda m: m.zero_grad(set_to_none=True))
-    assert_models_close(ref, fused)
+def test_model_zero_grad_keeps_the_fast_path(backend, set_to_none):
+    """model.zero_grad() instead of opt.zero_grad(): backward's gradients still land in the
+    flat buffer without the copy path (no warning)."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # zero_grad(set_to_none=False) keeps the views
-        (ref, fused), _ = train_pair(backend, zero=lambda m: m.zero_grad(set_to_none=False))
+        warnings.simplefilter("error")
+        (ref, fused), _ = train_pair(backend, zero=lambda m: m.zero_grad(set_to_none=set_to_none))
+    assert_models_close(ref, fused)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_assigned_grads_are_copied_with_one_warning(backend):
+    def assign(m):
+        m.zero_grad()
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)  # replaced by backward's accumulation below
+    with pytest.warns(UserWarning, match="copied into it"):
+        (ref, fused), _ = train_pair(backend, zero=assign)
     assert_models_close(ref, fused)
 
 
@@ -227,7 +250,7 @@ def test_compiled_model_writes_grads_into_the_flat_buffer(backend):
             F.cross_entropy(compiled(x), y).backward()
         opts[1].second_step(zero_grad=True)
     assert_models_close(*models)
-    assert opts[1]._backend.buckets[0].received.count(True) == 0  # zero_grad reset
+    assert all(p.grad is None for p in models[1].parameters())  # zero_grad set them to None
 
 
 @pytest.mark.parametrize("direction", ["to_reference", "from_reference"])

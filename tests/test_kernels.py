@@ -4,19 +4,26 @@ formulas: sizes 1, 7, 100003, every dtype, fresh random inputs."""
 from __future__ import annotations
 
 import functools
+import types
 
 import pytest
 import torch
 
 import samfast
+import samfast.ops
 from samfast.backends import resolve_backend
 
 FUSED = [b for b in samfast.available_backends("cpu") if b != "reference"]
+# "spec": the reference implementations of the op contract (samfast/ops.py), which
+# samfast-doctor compares the kernels against, are held to the same float64 formulas.
+KERNELS = FUSED + ["spec"]
 SIZES = [1, 7, 100003]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 def ops_of(backend: str):
+    if backend == "spec":
+        return types.SimpleNamespace(**samfast.ops.REFERENCE)
     return resolve_backend(backend, {torch.device("cpu")}).ops
 
 
@@ -38,7 +45,7 @@ def assert_storage_close(got: torch.Tensor, want64: torch.Tensor, magnitude: tor
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_sq_norm_and_nonfinite(backend, dtype, n):
     ops = ops_of(backend)
     gen = torch.Generator().manual_seed(n)
@@ -63,7 +70,7 @@ def test_sq_norm_and_nonfinite(backend, dtype, n):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_ascent(backend, dtype, n):
     ops = ops_of(backend)
     gen = torch.Generator().manual_seed(7 * n)
@@ -84,7 +91,7 @@ def test_ascent(backend, dtype, n):
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_restore_sgd(backend, dtype, n):
     ops = ops_of(backend)
     gen = torch.Generator().manual_seed(11 * n)
@@ -95,7 +102,7 @@ def test_restore_sgd(backend, dtype, n):
                                       (mom, True, False), (mom, False, True)):
         w1, buf1 = w.clone(), buf.clone()
         ops.restore_sgd_(w1, g, backup, buf1, torch.tensor(False), lr_t, momentum, damp, wd,
-                         nesterov, first)
+                         nesterov, torch.tensor(not first))
         d = g.double() + wd * backup.double()
         if momentum:
             b = d if first else momentum * buf.double() + (1 - damp) * d
@@ -109,18 +116,18 @@ def test_restore_sgd(backend, dtype, n):
                              backup.double().abs() + lr * (d.abs() + g.double().abs()))
         w2, buf2 = w.clone(), buf.clone()
         ops.restore_sgd_(w2, g, backup, buf2, torch.tensor(True), lr_t, momentum, damp, wd,
-                         nesterov, first)
+                         nesterov, torch.tensor(not first))
         assert torch.equal(w2, backup) and torch.equal(buf2, buf), "skip: restore only"
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_plain_sgd_step_with_backup_aliasing_w(backend):
     ops = ops_of(backend)
     gen = torch.Generator().manual_seed(3)
     w, g, buf = (rand(1000, torch.float32, gen) for _ in range(3))
     w1, buf1 = w.clone(), buf.clone()
     ops.restore_sgd_(w1, g, w1, buf1, torch.tensor(False), torch.tensor(0.1, dtype=torch.float64),
-                     0.9, 0.0, 0.0, False, False)
+                     0.9, 0.0, 0.0, False, torch.tensor(True))
     b = 0.9 * buf.double() + g.double()
     torch.testing.assert_close(w1.double(), w.double() - 0.1 * buf1.double())
     torch.testing.assert_close(buf1.double(), b)
@@ -172,18 +179,27 @@ def test_native_reductions_over_many_blocks(dtype):
         assert other_count == len(where)
 
 
-@pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")
-def test_native_opcheck():
-    assert samfast.backends.native.load_error() is None  # registers the fake kernels
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend):
+    """Each implementation against the op contract: schema (mutations as declared), fake
+    implementation, and tracing (torch.library.opcheck)."""
+    ops = ops_of(backend)
     g, w, backup, buf = (torch.randn(37) for _ in range(4))
-    torch.library.opcheck(torch.ops.samfast.sq_norm, (g, w, True, 0.1))
-    torch.library.opcheck(torch.ops.samfast.nonfinite, (g,))
-    torch.library.opcheck(torch.ops.samfast.ascent_,
-                          (w.clone(), g, backup.clone(), torch.tensor(0.1), torch.tensor(False),
-                           False, 0.0))
-    torch.library.opcheck(torch.ops.samfast.restore_sgd_,
-                          (w.clone(), g, backup, buf.clone(), torch.tensor(False),
-                           torch.tensor(0.1, dtype=torch.float64), 0.9, 0.0, 1e-4, True, False))
+    flag = functools.partial(torch.tensor, dtype=torch.bool)
+    torch.library.opcheck(ops.sq_norm, (g, w, True, 0.1))
+    torch.library.opcheck(ops.nonfinite, (g,))
+    torch.library.opcheck(ops.ascent_, (w.clone(), g, backup.clone(), torch.tensor(0.1),
+                                        flag(False), False, 0.0))
+    for started in (False, True):
+        torch.library.opcheck(ops.restore_sgd_,
+                              (w.clone(), g, backup, buf.clone(), flag(False),
+                               torch.tensor(0.1, dtype=torch.float64), 0.9, 0.0, 1e-4, True,
+                               flag(started)))
+    if backend == "triton":
+        x = torch.rand(3, 2, 5, 5)
+        for norm in ("linf", "l2"):
+            torch.library.opcheck(ops.pgd_step, (x.clone(), torch.randn_like(x), x, 0.1, 0.02,
+                                                 norm, 0.0, 1.0))
 
 
 _BUILD_SCRIPT = r"""
@@ -209,11 +225,11 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         for mom, nesterov, first in ((0.0, False, False), (0.9, True, False), (0.9, False, True)):
             ws, ms = w.clone(), m.clone()
             C.restore_sgd_(ws[s:e], g[s:e], b[s:e], ms[s:e], torch.tensor(False), lr, mom,
-                           0.1, 5e-4, nesterov, first)
+                           0.1, 5e-4, nesterov, torch.tensor(not first))
             out[f"{dtype}-{s}-{mom}-{nesterov}-{first}-restore"] = (ws, ms)
             ws, ms = w.clone(), m.clone()  # a plain SGD step: backup is w itself
             C.restore_sgd_(ws[s:e], g[s:e], ws[s:e], ms[s:e], torch.tensor(False), lr, mom,
-                           0.1, 5e-4, nesterov, first)
+                           0.1, 5e-4, nesterov, torch.tensor(not first))
             out[f"{dtype}-{s}-{mom}-{nesterov}-{first}-sgd"] = (ws, ms)
     # the reductions walk four 32768-element blocks at once: nine blocks and a partial one
     big = torch.randn(9 * 32768 + 5101, generator=gen, dtype=torch.float64).to(dtype)
@@ -292,7 +308,7 @@ def test_native_16bit_kernels_round_like_torch_on_special_values(dtype):
         ws, ms = w.clone(), m.clone()
         torch.ops.samfast.restore_sgd_(ws, g, b, ms, torch.tensor(False),
                                        torch.tensor(lr, dtype=torch.float64), mom, damp, wd,
-                                       nesterov, first)
+                                       nesterov, torch.tensor(not first))
         d = g.float() + f32(wd) * b.float()
         if mom:
             stored = (d if first else m.float() * f32(mom) + (f32(1.0) - f32(damp)) * d).to(dtype)

@@ -287,7 +287,9 @@ def _params():
     (dict(rho=-0.1), "rho"), (dict(rho=float("nan")), "rho"), (dict(rho="0.05"), "rho"),
     (dict(rho=float("inf")), "rho"), (dict(eta=-1.0), "eta"), (dict(eps=-1e-12), "eps"),
     (dict(adaptive=1), "adaptive"), (dict(normalize="yes"), "normalize"),
-    (dict(lr=-1.0), "learning rate"), (dict(maximize=True), "maximize"),
+    (dict(lr=-1.0), "lr"), (dict(lr=float("nan")), "lr"), (dict(lr=float("inf")), "lr"),
+        (dict(momentum=float("nan")), "momentum"), (dict(weight_decay=float("nan")), "weight_decay"),
+        (dict(maximize=True), "maximize"),
     (dict(backend="cuda-magic"), "backend"), (dict(backend=3), "backend"),
 ])
 def test_invalid_hyper_parameters_raise_at_construction(kwargs, name):
@@ -362,16 +364,19 @@ def test_closure_misuse_raises():
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()
 
-    def returns_none():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-    with pytest.raises(RuntimeError, match="returned None"):
-        opt.step(returns_none)
-
-    F.cross_entropy(model(x), y).backward()  # stale grads must not fool the check
-    with pytest.raises(RuntimeError, match="computed no gradients"):
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="computed no gradients in the first pass"):
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    F.cross_entropy(model(x), y).backward()  # the first pass: the closure runs at w + e only
+    with pytest.raises(RuntimeError, match="computed no gradients in the second pass"):
         opt.step(lambda: F.cross_entropy(model(x), y))
     assert not opt.perturbed
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+    def returns_none():  # as torch.optim allows: the step returns what the closure returned
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+    assert opt.step(returns_none) is None
 
 
 # -- BatchNorm ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // CUDA kernels of the native backend, registered for the CUDA dispatch key of the schemas
-// declared in csrc/samfast.cpp. Same maths and same order of operations as the CPU kernels.
+// declared in samfast/ops.py. Same maths and same order of operations as the CPU kernels.
 //
 // * Skip flags are read on the device (no host sync in a SAM step: CUDA-graph capturable).
 // * Reductions are deterministic: each block reduces a fixed, grid-strided set of elements in
@@ -95,16 +95,18 @@ __global__ void ascent_kernel(scalar_t* __restrict__ w, const scalar_t* __restri
   }
 }
 
-template <typename scalar_t, bool kMomentum, bool kNesterov, bool kFirst>
+template <typename scalar_t, bool kMomentum, bool kNesterov>
 __global__ void restore_sgd_kernel(scalar_t* w, const scalar_t* __restrict__ g,
                                    const scalar_t* backup, scalar_t* __restrict__ buf,
                                    int64_t n, const bool* __restrict__ skip,
                                    const double* __restrict__ lr_ptr,
+                                   const bool* __restrict__ started,
                                    at::opmath_type<scalar_t> momentum,
                                    at::opmath_type<scalar_t> dampening,
                                    at::opmath_type<scalar_t> wd) {
   using opmath_t = at::opmath_type<scalar_t>;
   const bool skipped = *skip;
+  const bool first = kMomentum && !*started;  // uniform: buf is not read on the first step
   const opmath_t lr = static_cast<opmath_t>(*lr_ptr);  // as the CPU kernels round a double lr
   for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * kThreads) {
@@ -116,7 +118,7 @@ __global__ void restore_sgd_kernel(scalar_t* w, const scalar_t* __restrict__ g,
     const opmath_t w0 = static_cast<opmath_t>(b0);
     opmath_t d = static_cast<opmath_t>(g[i]) + wd * w0;
     if (kMomentum) {
-      opmath_t b = kFirst ? d : static_cast<opmath_t>(buf[i]) * momentum + (1 - dampening) * d;
+      opmath_t b = first ? d : static_cast<opmath_t>(buf[i]) * momentum + (1 - dampening) * d;
       const scalar_t stored = static_cast<scalar_t>(b);
       buf[i] = stored;
       b = static_cast<opmath_t>(stored);
@@ -124,6 +126,13 @@ __global__ void restore_sgd_kernel(scalar_t* w, const scalar_t* __restrict__ g,
     }
     w[i] = static_cast<scalar_t>(w0 - lr * d);
   }
+}
+
+// skip / started: one-element bool tensors on w's device (read by the kernels there).
+void check_flag(const at::Tensor& flag, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(flag.numel() == 1 && flag.scalar_type() == at::kBool &&
+                  flag.device() == like.device(),
+              "samfast: ", name, " must be a one-element bool tensor on ", like.device());
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
@@ -176,12 +185,16 @@ void ascent_cuda(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const a
   check_cuda(w, w, "w");
   check_cuda(g, w, "g");
   check_cuda(backup, w, "backup");
-  TORCH_CHECK(skip.is_cuda() && skip.scalar_type() == at::kBool, "samfast: skip must be a CUDA bool");
+  check_flag(skip, w, "skip");
+  TORCH_CHECK(scale.numel() == 1 && scale.device() == w.device(),
+              "samfast: scale must be a one-element tensor on ", w.device());
   c10::cuda::CUDAGuard guard(w.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "ascent_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const at::Tensor s = scale.to(c10::CppTypeToScalarType<opmath_t>::value);
+    TORCH_CHECK(scale.scalar_type() == c10::CppTypeToScalarType<opmath_t>::value,
+                "samfast: scale must have the opmath dtype of w");
+    const at::Tensor& s = scale;
     const int blocks = blocks_for(w.numel());
     if (adaptive) {
       ascent_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
@@ -202,35 +215,35 @@ template <typename scalar_t>
 void restore_sgd_launch(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
                         at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr,
                         double momentum, double dampening, double wd, bool nesterov,
-                        bool first, cudaStream_t stream) {
-  auto* kernel = momentum == 0 ? restore_sgd_kernel<scalar_t, false, false, false>
-                 : first      ? (nesterov ? restore_sgd_kernel<scalar_t, true, true, true>
-                                          : restore_sgd_kernel<scalar_t, true, false, true>)
-                              : (nesterov ? restore_sgd_kernel<scalar_t, true, true, false>
-                                          : restore_sgd_kernel<scalar_t, true, false, false>);
+                        const at::Tensor& started, cudaStream_t stream) {
+  auto* kernel = momentum == 0 ? restore_sgd_kernel<scalar_t, false, false>
+                 : nesterov    ? restore_sgd_kernel<scalar_t, true, true>
+                               : restore_sgd_kernel<scalar_t, true, false>;
   kernel<<<blocks_for(w.numel()), kThreads, 0, stream>>>(
       w.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
       backup.const_data_ptr<scalar_t>(), buf.mutable_data_ptr<scalar_t>(), w.numel(),
-      skip.const_data_ptr<bool>(), lr.const_data_ptr<double>(), momentum, dampening, wd);
+      skip.const_data_ptr<bool>(), lr.const_data_ptr<double>(), started.const_data_ptr<bool>(),
+      momentum, dampening, wd);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void restore_sgd_cuda(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
                       at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr,
                       double momentum, double dampening, double weight_decay, bool nesterov,
-                      bool first) {
+                      const at::Tensor& started) {
   check_cuda(w, w, "w");
   check_cuda(g, w, "g");
   check_cuda(backup, w, "backup");
   if (momentum != 0) check_cuda(buf, w, "buf");
-  TORCH_CHECK(skip.is_cuda() && skip.scalar_type() == at::kBool, "samfast: skip must be a CUDA bool");
+  check_flag(skip, w, "skip");
+  check_flag(started, w, "started");
   TORCH_CHECK(lr.device() == w.device() && lr.scalar_type() == at::kDouble && lr.numel() == 1,
               "samfast: lr must be a one-element float64 tensor on ", w.device());
   c10::cuda::CUDAGuard guard(w.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "restore_sgd_", [&] {
     restore_sgd_launch<scalar_t>(w, g, backup, buf, skip, lr, momentum, dampening, weight_decay,
-                                 nesterov, first, stream);
+                                 nesterov, started, stream);
   });
 }
 

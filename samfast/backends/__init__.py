@@ -57,5 +57,4 @@ def resolve_backend(name: str, devices: set[torch.device]):
     if name == "reference":
         return ReferenceBackend()
     from .fused import FusedBackend
-    ops = native.NativeOps() if name == "native" else triton_backend.TritonOps()
-    return FusedBackend(name, ops)
+    return FusedBackend(name, native.ops() if name == "native" else triton_backend.ops())

@@ -1,23 +1,15 @@
 """The fused backends' shared orchestration over flat buffers.
 
-A fused backend is this class plus an *ops* object (Triton kernels or the ``samfast._C``
-extension) implementing four device kernels over 1-D slices of the flat buffers (the
-plain restore is a torch copy):
+A fused backend is this class over one implementation of the op contract of
+``samfast/ops.py``: ``torch.ops.samfast`` (the native C++/CUDA kernels) or
+``torch.ops.samfast_triton`` (the Triton kernels). The ops work on 1-D slices of the flat
+buffers of ``samfast/flat.py``; the plain restore is a torch copy.
 
-* ``sq_norm(g, w, adaptive, eta) -> 0-d``: sum of (T(w) g)^2, fp32 (fp64 for fp64 buffers),
-  deterministic (per-block partials, then an ordered second reduction; no atomics);
-* ``nonfinite(g) -> 0-d fp32``: how many entries of g are inf or NaN;
-* ``ascent_(w, g, backup, scale, skip, adaptive, eta)``: backup <- w;
-  w <- w + scale * T(w)^2 * g unless ``skip`` (a device flag) is set;
-* ``restore_sgd_(w, g, backup, buf, skip, lr, momentum, dampening, weight_decay, nesterov,
-  first)``: w <- backup, then torch.optim.SGD's update from there, all in one pass (``lr`` a
-  float64 0-d tensor on the buffers' device, read by the kernel); with
-  ``skip`` set only the restore happens (buf untouched). ``backup`` may alias ``w`` (a plain
-  SGD step).
-
-Per step the memory traffic, in units of one parameter-sized buffer, is: norm 1 (read g),
+Per step the memory traffic, in units of one parameter-sized buffer P, is: norm 1 (read g),
 ascent 4 (read w, g; write backup, w), finiteness check 1 (read g), restore + SGD with momentum
-5 (read backup, g, buf; write w, buf): 11, against 5 for one fused SGD step.
+5 (read backup, g, buf; write w, buf): 11 P, against 5 P for one fused SGD step (read w, g,
+buf; write w, buf). Moving each fresh gradient into the flat buffer after its backward costs
+a copy of a gradient autograd has just written (in cache for all but the largest layers).
 
 Skip decisions stay on the device (flags computed from N and the second-pass gradients), so a
 CUDA step has no host sync; on the CPU they are turned into Python bools at once, which costs
@@ -26,13 +18,14 @@ nothing and lets ``step(closure)`` skip the second pass exactly like the referen
 
 from __future__ import annotations
 
-import contextlib
+import warnings
+import weakref
 
 import torch
 from torch import Tensor
 
 from ..flat import FlatBucket
-from .reference import compute_dtype
+from .reference import ascent_scale, compute_dtype
 
 
 def _host_flag(flag: Tensor) -> bool | Tensor:
@@ -44,24 +37,42 @@ class FusedBackend:
         self.name = name
         self.ops = ops
         self.buckets: list[FlatBucket] = []
-        self._optimizer = None
+        self._index: dict[Tensor, tuple[FlatBucket, int]] = {}
+        self._optimizer_ref = None
         self._skip: Tensor | None = None
-        self._masks: list[list[bool]] = []
         self._lr_cache: dict[torch.device, tuple[float, Tensor]] = {}
+        self._flags: dict[torch.device, Tensor] = {}
+        self._warned_sync = False
+
+    @property
+    def _optimizer(self):
+        # A weak reference: the optimizer owns the backend, so a strong one would be a cycle
+        # that keeps every buffer alive until the garbage collector runs.
+        return self._optimizer_ref()
 
     # -- set-up -------------------------------------------------------------------------------
 
     def bind(self, optimizer) -> None:
-        self._optimizer = optimizer
+        self._optimizer_ref = weakref.ref(optimizer)
         for index in range(len(optimizer.param_groups)):
             self.add_group(index)
 
     def add_group(self, index: int) -> None:
         group = self._optimizer.param_groups[index]
-        buckets: dict = {}
+        by_key: dict = {}
         for p in group["params"]:
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        self.buckets += [FlatBucket(params, index) for params in buckets.values()]
+            by_key.setdefault((p.device, p.dtype), []).append(p)
+        for params in by_key.values():
+            bucket = FlatBucket(params, index)
+            self.buckets.append(bucket)
+            for i, p in enumerate(params):
+                self._index[p] = (bucket, i)
+
+    def on_grad(self, p: Tensor) -> None:
+        """A backward reached ``p`` (its post-accumulate-grad hook)."""
+        entry = self._index.get(p)
+        if entry is not None:
+            entry[0].adopt_grad(entry[1])
 
     @property
     def _sgd_fast_path(self) -> bool:
@@ -69,17 +80,35 @@ class FusedBackend:
         return type(self._optimizer.base_optimizer) is torch.optim.SGD
 
     def state_replaced(self) -> None:
-        """The optimizer's state was replaced (load_state_dict): re-adopt momentum buffers."""
-        for bucket in self.buckets:
-            bucket.momentum_adopted = False
+        """The optimizer's state was replaced (load_state_dict, reset): adopt its buffers."""
+        if self._sgd_fast_path:
+            for bucket in self.buckets:
+                bucket.adopt_state(self._optimizer.state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for bucket in self.buckets:
             bucket.zero_grad(set_to_none)
 
+    def unstarted_momentum(self) -> list[Tensor]:
+        """Params whose state shows a momentum view that has not started (their first step
+        was skipped): torch would have no buffer for them yet."""
+        if not self._sgd_fast_path:
+            return []
+        return [p for b in self.buckets if b.momentum is not None
+                for p, published, unstarted in zip(b.params, b.published, b.unstarted())
+                if published and unstarted]
+
+    def _flag(self, value: bool, device: torch.device) -> Tensor:
+        """A constant one-element bool tensor on ``device`` (cached)."""
+        key = (device, value)
+        t = self._flags.get(key)
+        if t is None:
+            t = self._flags[key] = torch.tensor(value, device=device)
+        return t
+
     # -- the step -----------------------------------------------------------------------------
 
-    def first_step(self, groups: list[dict]) -> bool | Tensor:
+    def first_step(self, groups: list[dict], agree_skip=None) -> bool | Tensor:
         masks = [b.active_mask() for b in self.buckets]
         if not any(any(m) for m in masks):
             raise RuntimeError(
@@ -95,17 +124,11 @@ class FusedBackend:
                                               group["adaptive"], float(group["eta"])))
         norm = torch.stack([t.to(device, acc) for t in terms]).sum().sqrt()
         skip = ~torch.isfinite(norm)
+        if agree_skip is not None:
+            agree_skip(skip)
         for bucket, mask in zip(self.buckets, masks):
             group = groups[bucket.group_index]
-            cdtype = compute_dtype(bucket.dtype)
-            n = norm.to(bucket.device)
-            if group["normalize"]:
-                scale = (group["rho"] / (n + group["sam_eps"])).to(cdtype)
-            elif isinstance(group["rho"], Tensor):
-                scale = group["rho"].detach().to(device=bucket.device, dtype=cdtype)
-            else:
-                scale = torch.full((), group["rho"], dtype=cdtype, device=bucket.device)
-            scale = scale.reshape(())  # rho may be a 1-element tensor
+            scale = ascent_scale(group, norm, compute_dtype(bucket.dtype), bucket.device)
             bskip = skip.to(bucket.device)
             for s, e in bucket.runs(mask):
                 self.ops.ascent_(bucket.param[s:e], bucket.grad[s:e], bucket.backup[s:e], scale,
@@ -116,6 +139,13 @@ class FusedBackend:
                 bucket.backup[s:e].copy_(bucket.param[s:e])
         self._skip = skip
         return _host_flag(skip)
+
+    def abort(self) -> None:
+        """Between the passes: put back the weights the ascent saved (all of them: the ascent
+        wrote the backup of every element)."""
+        for bucket in self.buckets:
+            bucket.param.copy_(bucket.backup)
+        self._skip = None
 
     def _nonfinite_flag(self, masks: list[list[bool]], device: torch.device) -> Tensor:
         counts = [self.ops.nonfinite(b.grad[s:e]).to(device)
@@ -140,36 +170,28 @@ class FusedBackend:
     def _sgd_update(self, groups: list[dict], masks: list[list[bool]], skip: Tensor,
                     restore: bool) -> None:
         state = self._optimizer.state
-        created = False
         for bucket, mask in zip(self.buckets, masks):
             group = groups[bucket.group_index]
             momentum = float(group["momentum"])
             source = bucket.backup if restore else bucket.param
-            if momentum != 0:
-                runs = bucket.momentum_runs(mask, state)
-                created |= any(first for _, _, first in runs)
-                buf = bucket.momentum
-            else:
-                runs = [(s, e, False) for s, e in bucket.runs(mask)]
-                buf = bucket.param  # unused by the kernel
             bskip = skip.to(bucket.device)
             lr = self._lr_tensor(group["lr"], bucket.device)
-            for s, e, first in runs:
+            if momentum != 0:
+                runs = bucket.momentum_runs(mask)
+                buf = bucket.momentum
+            else:  # neither read nor written by the kernel
+                runs = [(s, e, self._flag(False, bucket.device)) for s, e in bucket.runs(mask)]
+                buf = bucket.param
+            for s, e, started in runs:
                 self.ops.restore_sgd_(bucket.param[s:e], bucket.grad[s:e], source[s:e],
                                       buf[s:e], bskip, lr, momentum,
                                       float(group["dampening"]), float(group["weight_decay"]),
-                                      bool(group["nesterov"]), first)
+                                      bool(group["nesterov"]), started)
             if restore:
                 for s, e in bucket.inactive_runs(mask):
                     bucket.param[s:e].copy_(bucket.backup[s:e])
-        # A momentum buffer comes into being on a param's first real step; publishing it in
-        # the state after a skipped step would change the next update (torch starts the
-        # buffer as a copy of the update). Only this first step pays a host sync on CUDA.
-        if created and bool(skip):
-            return
-        for bucket, mask in zip(self.buckets, masks):
-            if float(groups[bucket.group_index]["momentum"]) != 0:
-                bucket.publish_momentum(mask, state)
+            if momentum != 0 and any(mask):
+                bucket.momentum_stepped(mask, _host_flag(bskip), state)
 
     def second_step(self, groups: list[dict], base_step) -> bool | Tensor:
         masks = [b.active_mask() for b in self.buckets]
@@ -181,15 +203,33 @@ class FusedBackend:
         else:
             for bucket in self.buckets:
                 bucket.param.copy_(bucket.backup)
-            if not bool(skip):  # the base optimizer's own step needs the decision on the host
-                self._base_step_on_active(masks, base_step)
+            self._base_step(base_step, skip)
         return _host_flag(skip)
 
-    def _base_step_on_active(self, masks: list[list[bool]], base_step) -> None:
-        with contextlib.ExitStack() as stack:
-            for bucket, mask in zip(self.buckets, masks):
-                stack.enter_context(bucket.inactive_grads_hidden(mask))
+    def _base_step(self, base_step, skip: Tensor) -> None:
+        """The base optimizer's own step on the params with a gradient, unless ``skip``. A
+        fused torch optimizer (``fused=True``: Adam, AdamW, SGD...) takes the flag on the
+        device, as GradScaler hands it ``found_inf``; any other needs it on the host, which
+        on CUDA is one sync per step (warned once)."""
+        base = self._optimizer.base_optimizer
+        on_device = (skip.device.type != "cpu"
+                     and getattr(base, "_step_supports_amp_scaling", False)
+                     and all(g.get("fused") for g in base.param_groups))
+        if not on_device:
+            if skip.device.type != "cpu" and not self._warned_sync:
+                warnings.warn(f"samfast: {type(base).__name__} takes SAM's skip decision on the "
+                              "host: one CUDA sync per step. Pass fused=True to the base "
+                              "optimizer to keep the step on the device.", stacklevel=5)
+                self._warned_sync = True
+            if bool(skip):
+                return
+            base_step()  # params without a gradient have grad None: it skips them
+            return
+        base.grad_scale, base.found_inf = None, skip.float()
+        try:
             base_step()
+        finally:
+            del base.grad_scale, base.found_inf
 
     def base_step(self, groups: list[dict], base_step) -> bool | Tensor:
         masks = [b.active_mask() for b in self.buckets]
@@ -199,6 +239,7 @@ class FusedBackend:
         skip = self._nonfinite_flag(masks, device)
         if self._sgd_fast_path:
             self._sgd_update(groups, masks, skip, restore=False)
-        elif not bool(skip):
-            self._base_step_on_active(masks, base_step)
+        else:
+            self._base_step(base_step, skip)
         return _host_flag(skip)
+

@@ -1,9 +1,11 @@
-"""The ``"native"`` backend: the ``samfast._C`` extension (C++ CPU kernels, CUDA C++ kernels).
+"""The ``"native"`` backend: the ``samfast._C`` extension (C++ CPU kernels, CUDA C++ kernels),
+registered as the ``samfast`` implementation of the op contract in ``samfast/ops.py``.
 
-The extension is built by ``pip install --no-build-isolation .``; where the package was
-installed without it (``SAMFAST_NO_EXT=1``, or another torch than the one it was built for),
-``SAMFAST_JIT=1`` builds it on first use with ``torch.utils.cpp_extension.load`` (needs ninja
-and, for CUDA, nvcc).
+The extension is built by ``pip install --no-build-isolation .``. Where it is missing (installed
+with ``SAMFAST_NO_EXT=1``) ``SAMFAST_JIT=1`` builds it on first use with
+``torch.utils.cpp_extension.load`` (needs ninja and, for CUDA, nvcc). Where it is present but
+fails to load (built against another torch: an ABI mismatch or a missing symbol), the backend
+is unavailable and the reason is warned once, never swallowed.
 """
 
 from __future__ import annotations
@@ -11,47 +13,36 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import warnings
 
 import torch
+
+NAMESPACE = "samfast"
 
 
 @functools.lru_cache(maxsize=None)
 def load_error() -> str | None:
     """None once the ops are registered, else why they are not."""
+    from .. import ops
+    ops.define(NAMESPACE)  # the schemas first: the extension registers kernels against them
     try:
-        from .. import _C  # noqa: F401  (registers torch.ops.samfast.*)
-        _register_fakes()
+        from .. import _C  # noqa: F401
         return None
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         error = f"the samfast._C extension is not built ({exc})"
+    except ImportError as exc:  # built, but it does not load into this torch
+        error = f"the samfast._C extension is built but does not load: {exc}"
+        warnings.warn(f"samfast: {error}; the native backend is unavailable (rebuild with "
+                      "`pip install --no-build-isolation .` against the installed torch)",
+                      RuntimeWarning, stacklevel=3)
+        return error
     if os.environ.get("SAMFAST_JIT") != "1":
         return error + "; reinstall with `pip install --no-build-isolation .` or set SAMFAST_JIT=1"
     try:
         _jit_build()
-        _register_fakes()
         return None
     except Exception as exc:  # noqa: BLE001 - report any build failure as the reason
         return f"{error}; the JIT build failed: {exc}"
-
-
-def _register_fakes() -> None:
-    """Shape/dtype rules, so the ops trace under torch.compile and FakeTensor."""
-
-    @torch.library.register_fake("samfast::sq_norm")
-    def _(g, w, adaptive, eta):
-        return g.new_empty((), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
-
-    @torch.library.register_fake("samfast::nonfinite")
-    def _(g):
-        return g.new_empty((), dtype=torch.float32)
-
-    @torch.library.register_fake("samfast::ascent_")
-    def _(w, g, backup, scale, skip, adaptive, eta):
-        return None
-
-    @torch.library.register_fake("samfast::restore_sgd_")
-    def _(w, g, backup, buf, skip, lr, momentum, dampening, weight_decay, nesterov, first):
-        return None
 
 
 def _jit_build() -> None:
@@ -80,28 +71,14 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"no native kernels for {device.type}"
     if device.type == "cuda" and not torch.cuda.is_available():
         return "CUDA is not available"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("samfast::sq_norm", key):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::sq_norm", key):
         return f"samfast._C was built without {key} kernels"
     return None
 
 
-class NativeOps:
-    """The four kernels of samfast/backends/fused.py, from the extension."""
-
-    @staticmethod
-    def sq_norm(g, w, adaptive, eta):
-        return torch.ops.samfast.sq_norm(g, w, adaptive, eta)
-
-    @staticmethod
-    def nonfinite(g):
-        return torch.ops.samfast.nonfinite(g)
-
-    @staticmethod
-    def ascent_(w, g, backup, scale, skip, adaptive, eta):
-        torch.ops.samfast.ascent_(w, g, backup, scale, skip, adaptive, eta)
-
-    @staticmethod
-    def restore_sgd_(w, g, backup, buf, skip, lr, momentum, dampening, weight_decay, nesterov,
-                     first):
-        torch.ops.samfast.restore_sgd_(w, g, backup, buf, skip, lr, momentum, dampening,
-                                       weight_decay, nesterov, first)
+def ops():
+    """The op namespace (``torch.ops.samfast``)."""
+    error = load_error()
+    if error is not None:
+        raise RuntimeError(error)
+    return getattr(torch.ops, NAMESPACE)

@@ -18,6 +18,7 @@ are updated in float32 and rounded once (w <- round(float(w) + e)), as the fused
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import Iterable
 
@@ -61,6 +62,22 @@ def _scaled_grads(ws: list[Tensor], gs: list[Tensor], adaptive: bool, eta: float
     return torch._foreach_mul(t, gs)
 
 
+def ascent_scale(group: dict, norm: Tensor, cdtype: torch.dtype, device) -> Tensor:
+    """e's scale as a 0-d ``cdtype`` tensor on ``device``: rho / (N + eps), or rho (USAM).
+    The division is done in N's dtype whether rho is a float or a tensor (a float64 tensor rho
+    would otherwise promote it to float64 and round differently)."""
+    rho = group["rho"]
+    if group["normalize"]:
+        if isinstance(rho, Tensor):
+            rho = rho.detach().to(device=device, dtype=norm.dtype)
+        scale = rho / (norm.to(device) + group["sam_eps"])
+    elif isinstance(rho, Tensor):
+        scale = rho.detach().to(device)
+    else:
+        scale = torch.tensor(rho, dtype=torch.float64, device=device)
+    return scale.to(cdtype).reshape(())  # rho may be a 1-element tensor
+
+
 def grad_norm(groups: list[dict], device: torch.device) -> Tensor:
     """N over all groups, as a 0-d tensor on ``device`` (float32, or float64 if any grad is)."""
     all_params = [p for g in groups for p in g["params"] if p.grad is not None]
@@ -92,12 +109,9 @@ def ascent_(group: dict, params: list[Tensor], norm: Tensor) -> list[Tensor]:
     for bucket in bucket_by_device_and_dtype(params).values():
         ws = [p.detach() for p in bucket]
         cdtype = compute_dtype(ws[0].dtype)
-        if group["normalize"]:
-            scale = group["rho"] / (norm.to(ws[0].device) + group["sam_eps"])
-        else:
-            scale = torch.as_tensor(group["rho"], dtype=norm.dtype, device=ws[0].device)
+        scale = ascent_scale(group, norm, cdtype, ws[0].device)
         e = _scaled_grads(ws, [p.grad for p in bucket], group["adaptive"], group["eta"], power=2)
-        torch._foreach_mul_(e, scale.to(cdtype).reshape(()))  # rho may be a 1-element tensor
+        torch._foreach_mul_(e, scale)
         backups.extend(w.clone() for w in ws)
         if cdtype == ws[0].dtype:
             torch._foreach_add_(ws, e)
@@ -123,12 +137,16 @@ class ReferenceBackend:
     name = "reference"
 
     def __init__(self) -> None:
-        self._optimizer = None
+        self._optimizer_ref = None
         self._perturbed: list[Tensor] = []
         self._backups: list[Tensor] = []
 
     def bind(self, optimizer) -> None:
-        self._optimizer = optimizer
+        self._optimizer_ref = weakref.ref(optimizer)  # no cycle: see FusedBackend
+
+    @property
+    def _optimizer(self):
+        return self._optimizer_ref()
 
     def add_group(self, index: int) -> None:
         pass
@@ -139,7 +157,13 @@ class ReferenceBackend:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.base_optimizer.zero_grad(set_to_none=set_to_none)
 
-    def first_step(self, groups: list[dict]) -> bool:
+    def on_grad(self, p: Tensor) -> None:
+        pass
+
+    def unstarted_momentum(self) -> list[Tensor]:
+        return []  # the base optimizer keeps its own state: exactly torch's
+
+    def first_step(self, groups: list[dict], agree_skip=None) -> bool:
         """Ascent, unless N is not finite (then nothing changes and True is returned)."""
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
         if not with_grad:
@@ -147,13 +171,21 @@ class ReferenceBackend:
                 "SAM.first_step: no parameter has a gradient; call loss.backward() first"
             )
         norm = grad_norm(groups, with_grad[0].device)
-        if not bool(torch.isfinite(norm)):
+        skip = ~torch.isfinite(norm)
+        if agree_skip is not None:
+            agree_skip(skip)
+        if bool(skip):
             return True
         for group in groups:
             params = [p for p in group["params"] if p.grad is not None]
             self._backups.extend(ascent_(group, params, norm))
             self._perturbed.extend(params)
         return False
+
+    def abort(self) -> None:
+        """Between the passes: put back the weights the ascent saved."""
+        restore_(self._perturbed, self._backups)
+        self._perturbed, self._backups = [], []
 
     def second_step(self, groups: list[dict], base_step) -> bool:
         """Restore, then ``base_step()`` unless a second-pass gradient is not finite."""

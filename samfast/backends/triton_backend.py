@@ -1,7 +1,8 @@
-"""The ``"triton"`` backend: the Triton kernels of ``samfast.kernels``.
+"""The ``"triton"`` backend: the Triton kernels of ``samfast.kernels``, registered as the
+``samfast_triton`` implementation of the op contract in ``samfast/ops.py``.
 
-On CUDA tensors it runs compiled kernels; with ``TRITON_INTERPRET=1`` set before triton is
-imported it runs the same kernels on CPU tensors under Triton's interpreter (slow: for tests).
+On CUDA tensors they run compiled kernels; with ``TRITON_INTERPRET=1`` set before triton is
+imported they run on CPU tensors under Triton's interpreter (slow: for tests).
 """
 
 from __future__ import annotations
@@ -12,9 +13,23 @@ import os
 
 import torch
 
+NAMESPACE = "samfast_triton"
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on_device(launch):
+    """Launch under the tensors' own CUDA device: Triton launches on the current device, so a
+    param on cuda:1 with cuda:0 current would otherwise be read at the wrong address."""
+    @functools.wraps(launch)
+    def guarded(first, *args):
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return launch(first, *args)
+        return launch(first, *args)
+    return guarded
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,11 +37,23 @@ def _import_error() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     try:
-        from .. import kernels  # noqa: F401
-        from ..kernels import ascent, norm, restore  # noqa: F401
+        _register()
     except Exception as exc:  # noqa: BLE001 - report any import failure as the reason
-        return f"importing the Triton kernels failed: {exc}"
+        return f"importing the Triton kernels failed: {type(exc).__name__}: {exc}"
     return None
+
+
+def _register() -> None:
+    from .. import ops
+    from ..kernels import ascent, norm, pgd, restore
+
+    lib = ops.define(NAMESPACE, ops.SAM_OPS + ("pgd_step",))
+    impls = {"sq_norm": norm.sq_norm, "nonfinite": norm.nonfinite, "ascent_": ascent.ascent_,
+             "restore_sgd_": restore.restore_sgd_, "pgd_step": pgd.pgd_step}
+    keys = ["CUDA"] + (["CPU"] if interpreting() else [])
+    for name, fn in impls.items():
+        for key in keys:
+            lib.impl(name, _on_device(fn), key)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -41,12 +68,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _import_error()
 
 
-class TritonOps:
-    """The four kernels of samfast/backends/fused.py, from samfast.kernels."""
-
-    def __init__(self) -> None:
-        from ..kernels import ascent, norm, restore
-        self.sq_norm = norm.sq_norm
-        self.nonfinite = norm.nonfinite
-        self.ascent_ = ascent.ascent_
-        self.restore_sgd_ = restore.restore_sgd_
+def ops():
+    """The op namespace (``torch.ops.samfast_triton``), registering it on first use."""
+    error = _import_error()
+    if error is not None:
+        raise RuntimeError(error)
+    return getattr(torch.ops, NAMESPACE)

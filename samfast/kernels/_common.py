@@ -27,19 +27,27 @@ def split_fp32(x: float) -> tuple[float, float]:
     return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
+# One return per jit function: Triton's code generator requires every return of a function to
+# have one type, even under a constexpr condition (two returns, fp64 and fp32, do not compile
+# for a GPU; the interpreter does not notice). A constexpr if/else that assigns one variable
+# emits only the taken branch.
 @triton.jit
 def join_fp32(hi, lo, FP64: tl.constexpr):
     if FP64:
-        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    return tl.cast(hi, tl.float32) + tl.cast(lo, tl.float32)
+        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        x = tl.cast(hi, tl.float32) + tl.cast(lo, tl.float32)
+    return x
 
 
 @triton.jit
 def upcast(x, FP64: tl.constexpr):
     """fp16/bf16/fp32 -> fp32, fp64 stays fp64 (the "opmath" type)."""
     if FP64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
+        y = x.to(tl.float64)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -55,5 +63,7 @@ def to_storage(x, ptr):
         bits = f.to(tl.uint32, bitcast=True)
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
         rounded = bits.to(tl.float32, bitcast=True)
-        return tl.where(f != f, f, rounded).to(tl.bfloat16)
-    return x.to(ptr.dtype.element_ty)
+        y = tl.where(f != f, f, rounded).to(tl.bfloat16)
+    else:
+        y = x.to(ptr.dtype.element_ty)
+    return y

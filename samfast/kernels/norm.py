@@ -29,11 +29,12 @@ def _sq_norm_kernel(g_ptr, w_ptr, partial_ptr, n, eta_hi, eta_lo,
 
 
 @triton.jit
-def _nonfinite_kernel(g_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+def _nonfinite_kernel(g_ptr, partial_ptr, n, FP64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # fp64 is tested as fp64: cast to fp32, a finite 1e300 would count as inf
+    x = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
     # !(|x| < inf) holds exactly for +-inf and NaN (every comparison with NaN is false).
     bad = tl.where(tl.abs(x) < float("inf"), 0.0, 1.0)
     tl.store(partial_ptr + pid, tl.sum(bad, axis=0))
@@ -54,5 +55,6 @@ def nonfinite(g: torch.Tensor) -> torch.Tensor:
     """How many entries of g are +-inf or NaN, as a 0-d fp32 tensor."""
     n = g.numel()
     partial = torch.empty(grid(n)[0], dtype=torch.float32, device=g.device)
-    _nonfinite_kernel[grid(n)](g, partial, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _nonfinite_kernel[grid(n)](g, partial, n, FP64=g.dtype == torch.float64, BLOCK=BLOCK,
+                               num_warps=NUM_WARPS)
     return partial.sum()

@@ -1,7 +1,7 @@
 """SAM's descent for an SGD base: w <- backup, then torch.optim.SGD's update, in one pass.
 
 Order of operations as torch.optim.SGD:  d = g + wd * w;
-buf = first ? d : momentum * buf + (1 - dampening) * d;  d = nesterov ? d + momentum * buf : buf;
+buf = started ? momentum * buf + (1 - dampening) * d : d;  d = nesterov ? d + momentum * buf : buf;
 w = w - lr * d.  With the device flag ``skip`` set, only the restore happens and the momentum
 buffer is not written. ``backup`` may be ``w`` itself: a plain SGD step (the base phase).
 """
@@ -17,9 +17,9 @@ from ._common import (BLOCK, NO_FMA, NUM_WARPS, grid, join_fp32, split_fp32, to_
 
 
 @triton.jit
-def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, lr_ptr, n,
+def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, lr_ptr, started_ptr, n,
                         mom_hi, mom_lo, damp_hi, damp_lo, wd_hi, wd_lo,
-                        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+                        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                         FP64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -34,11 +34,10 @@ def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, lr_ptr, n,
         join_fp32(wd_hi, wd_lo, FP64) * w0
     if MOMENTUM:
         momentum = join_fp32(mom_hi, mom_lo, FP64)
-        if FIRST:
-            b = d
-        else:
-            old = upcast(tl.load(buf_ptr + offs, mask=mask, other=0.0), FP64)
-            b = old * momentum + (1 - join_fp32(damp_hi, damp_lo, FP64)) * d
+        started = tl.load(started_ptr) != 0
+        # a uniform predicate: before the buffer has started it is not read at all
+        old = upcast(tl.load(buf_ptr + offs, mask=mask & started, other=0.0), FP64)
+        b = tl.where(started, old * momentum + (1 - join_fp32(damp_hi, damp_lo, FP64)) * d, d)
         stored = to_storage(b, buf_ptr)
         tl.store(buf_ptr + offs, stored, mask=mask & (skip == 0))
         b = upcast(stored, FP64)  # torch steps with the buffer as stored
@@ -52,11 +51,12 @@ def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, lr_ptr, n,
 
 def restore_sgd_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, buf: torch.Tensor,
                  skip: torch.Tensor, lr: torch.Tensor, momentum: float, dampening: float,
-                 weight_decay: float, nesterov: bool, first: bool) -> None:
-    """``lr``: a one-element float64 tensor on w's device (read by the kernel)."""
+                 weight_decay: float, nesterov: bool, started: torch.Tensor) -> None:
+    """``lr``: a one-element float64 tensor, ``skip``/``started`` one-element bool tensors, all
+    on w's device (read by the kernel)."""
     n = w.numel()
     _restore_sgd_kernel[grid(n)](
-        w, g, backup, buf, skip.view(torch.uint8), lr, n, *split_fp32(momentum),
-        *split_fp32(dampening), *split_fp32(weight_decay), MOMENTUM=momentum != 0,
-        NESTEROV=nesterov, FIRST=first, FP64=w.dtype == torch.float64, BLOCK=BLOCK,
-        num_warps=NUM_WARPS, **NO_FMA)
+        w, g, backup, buf, skip.view(torch.uint8), lr, started.view(torch.uint8), n,
+        *split_fp32(momentum), *split_fp32(dampening), *split_fp32(weight_decay),
+        MOMENTUM=momentum != 0, NESTEROV=nesterov, FP64=w.dtype == torch.float64,
+        BLOCK=BLOCK, num_warps=NUM_WARPS, **NO_FMA)
