@@ -5,8 +5,16 @@
 // * Reductions are deterministic: each block reduces a fixed, grid-strided set of elements in
 //   a fixed tree order and writes one partial; a second pass (at::sum over the partials, a
 //   single-output reduction whose order is fixed for a given size) adds them. No atomics.
-// * Elementwise kernels are grid-stride loops (256 threads, at most kMaxBlocks blocks) over
-//   scalar elements: memory-bound streams; bench/gpu_check.sh measures them against a copy.
+// * Elementwise kernels are grid-stride loops (256 threads, at most kMaxBlocks blocks):
+//   memory-bound streams; bench/gpu_check.sh measures them against a copy.
+// * Every kernel has a vector variant (kVec = 16 / sizeof(scalar_t): 8 bf16/fp16, 4 fp32,
+//   2 fp64 per thread and iteration, one 128-bit load or store per stream), launched when all
+//   its streams start 16-byte aligned, which samfast's flat layout guarantees (samfast/flat.py:
+//   every slice starts at a multiple of 16 elements); its last n % kVec elements, none in that
+//   layout, go one by one. kVec = 1 is the scalar variant for any other slice. Both run the
+//   same loop body (instantiated for a pack and for one element), so the arithmetic of an
+//   element and its bits are the same in both (the build passes -fmad=false: no contraction
+//   into FMAs). tests/test_compile.py checks the registers and the SASS of every variant.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,7 +25,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace samfast {
 namespace {
@@ -29,6 +39,52 @@ constexpr int kReduceBlocks = 1024;
 int blocks_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads,
                                                                  kMaxBlocks)));
+}
+
+// kVec elements moved by one access: a 16-byte aligned struct is loaded and stored as one
+// 128-bit access (ld.global.v4 / LDG.E.128).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+template <typename T>
+constexpr int vec_of() {
+  return 16 / sizeof(T);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// Pack `i` of p (elements [i * kVec, (i + 1) * kVec)).
+template <int kVec, typename T>
+__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p, int64_t i) {
+  return reinterpret_cast<const Pack<T, kVec>*>(p)[i];
+}
+
+template <int kVec, typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t i, const Pack<T, kVec>& x) {
+  reinterpret_cast<Pack<T, kVec>*>(p)[i] = x;
+}
+
+// A grid-stride loop over the packs of [0, n), then over the n % kVec elements after them:
+// body<kVec>(pack index) and body<1>(element index).
+template <int kVec, typename Body>
+__device__ __forceinline__ void for_each_pack(int64_t n, Body body) {
+  const int64_t first = blockIdx.x * (int64_t)kThreads + threadIdx.x;
+  const int64_t stride = (int64_t)gridDim.x * kThreads;
+  const int64_t packs = n / kVec;
+  for (int64_t i = first; i < packs; i += stride) body(std::integral_constant<int, kVec>(), i);
+  if constexpr (kVec > 1) {
+    for (int64_t i = packs * kVec + first; i < n; i += stride) {
+      body(std::integral_constant<int, 1>(), i);
+    }
+  }
+}
+
+// Blocks for a grid-stride loop over n elements kVec at a time.
+template <int kVec>
+int blocks_for_packs(int64_t n) {
+  return blocks_for((n + kVec - 1) / kVec);
 }
 
 template <typename acc_t>
@@ -43,36 +99,46 @@ __device__ acc_t block_sum(acc_t v) {
   return shared[0];
 }
 
-template <typename scalar_t, bool kAdaptive>
+template <typename scalar_t, int kVec, bool kAdaptive>
 __global__ void sq_norm_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ w,
                                int64_t n, at::opmath_type<scalar_t> eta,
                                at::opmath_type<scalar_t>* __restrict__ partial) {
   using opmath_t = at::opmath_type<scalar_t>;
   opmath_t acc = 0;
-  for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * kThreads) {
-    opmath_t x = static_cast<opmath_t>(g[i]);
-    if (kAdaptive) x *= fabs(static_cast<opmath_t>(w[i])) + eta;
-    acc += x * x;
-  }
+  for_each_pack<kVec>(n, [&](auto vec, int64_t i) {
+    constexpr int V = decltype(vec)::value;
+    const Pack<scalar_t, V> gv = load_pack<V>(g, i);
+    Pack<scalar_t, V> wv;
+    if (kAdaptive) wv = load_pack<V>(w, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      opmath_t x = static_cast<opmath_t>(gv.v[k]);
+      if (kAdaptive) x *= fabs(static_cast<opmath_t>(wv.v[k])) + eta;
+      acc += x * x;
+    }
+  });
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kVec>
 __global__ void nonfinite_kernel(const scalar_t* __restrict__ g, int64_t n,
                                  float* __restrict__ partial) {
   using opmath_t = at::opmath_type<scalar_t>;
   float count = 0;
-  for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * kThreads) {
-    count += !(fabs(static_cast<opmath_t>(g[i])) < INFINITY) ? 1.f : 0.f;
-  }
+  for_each_pack<kVec>(n, [&](auto vec, int64_t i) {
+    constexpr int V = decltype(vec)::value;
+    const Pack<scalar_t, V> gv = load_pack<V>(g, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      count += !(fabs(static_cast<opmath_t>(gv.v[k])) < INFINITY) ? 1.f : 0.f;
+    }
+  });
   count = block_sum(count);
   if (threadIdx.x == 0) partial[blockIdx.x] = count;
 }
 
-template <typename scalar_t, bool kAdaptive>
+template <typename scalar_t, int kVec, bool kAdaptive>
 __global__ void ascent_kernel(scalar_t* __restrict__ w, const scalar_t* __restrict__ g,
                               scalar_t* __restrict__ backup, int64_t n,
                               const at::opmath_type<scalar_t>* __restrict__ scale,
@@ -80,22 +146,28 @@ __global__ void ascent_kernel(scalar_t* __restrict__ w, const scalar_t* __restri
   using opmath_t = at::opmath_type<scalar_t>;
   const bool skipped = *skip;
   const opmath_t s = *scale;
-  for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * kThreads) {
-    const scalar_t wi = w[i];
-    backup[i] = wi;
-    if (skipped) continue;
-    const opmath_t wf = static_cast<opmath_t>(wi);
-    opmath_t e = static_cast<opmath_t>(g[i]);
-    if (kAdaptive) {
-      const opmath_t t = fabs(wf) + eta;
-      e = (t * t) * e;
+  for_each_pack<kVec>(n, [&](auto vec, int64_t i) {
+    constexpr int V = decltype(vec)::value;
+    Pack<scalar_t, V> wv = load_pack<V>(w, i);
+    store_pack<V>(backup, i, wv);
+    if (skipped) return;
+    const Pack<scalar_t, V> gv = load_pack<V>(g, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const opmath_t wf = static_cast<opmath_t>(wv.v[k]);
+      opmath_t e = static_cast<opmath_t>(gv.v[k]);
+      if (kAdaptive) {
+        const opmath_t t = fabs(wf) + eta;
+        e = (t * t) * e;
+      }
+      wv.v[k] = static_cast<scalar_t>(wf + e * s);
     }
-    w[i] = static_cast<scalar_t>(wf + e * s);
-  }
+    store_pack<V>(w, i, wv);
+  });
 }
 
-template <typename scalar_t, bool kMomentum, bool kNesterov>
+// w and backup may be the same buffer (a plain SGD step): neither is __restrict__.
+template <typename scalar_t, int kVec, bool kMomentum, bool kNesterov>
 __global__ void restore_sgd_kernel(scalar_t* w, const scalar_t* __restrict__ g,
                                    const scalar_t* backup, scalar_t* __restrict__ buf,
                                    int64_t n, const bool* __restrict__ skip,
@@ -108,24 +180,31 @@ __global__ void restore_sgd_kernel(scalar_t* w, const scalar_t* __restrict__ g,
   const bool skipped = *skip;
   const bool first = kMomentum && !*started;  // uniform: buf is not read on the first step
   const opmath_t lr = static_cast<opmath_t>(*lr_ptr);  // as the CPU kernels round a double lr
-  for (int64_t i = blockIdx.x * (int64_t)kThreads + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * kThreads) {
-    const scalar_t b0 = backup[i];
+  for_each_pack<kVec>(n, [&](auto vec, int64_t i) {
+    constexpr int V = decltype(vec)::value;
+    const Pack<scalar_t, V> bv = load_pack<V>(backup, i);
     if (skipped) {
-      w[i] = b0;
-      continue;
+      store_pack<V>(w, i, bv);
+      return;
     }
-    const opmath_t w0 = static_cast<opmath_t>(b0);
-    opmath_t d = static_cast<opmath_t>(g[i]) + wd * w0;
-    if (kMomentum) {
-      opmath_t b = first ? d : static_cast<opmath_t>(buf[i]) * momentum + (1 - dampening) * d;
-      const scalar_t stored = static_cast<scalar_t>(b);
-      buf[i] = stored;
-      b = static_cast<opmath_t>(stored);
-      d = kNesterov ? d + momentum * b : b;
+    const Pack<scalar_t, V> gv = load_pack<V>(g, i);
+    Pack<scalar_t, V> mv, wv;
+    if (kMomentum && !first) mv = load_pack<V>(buf, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const opmath_t w0 = static_cast<opmath_t>(bv.v[k]);
+      opmath_t d = static_cast<opmath_t>(gv.v[k]) + wd * w0;
+      if (kMomentum) {
+        opmath_t b = first ? d : static_cast<opmath_t>(mv.v[k]) * momentum + (1 - dampening) * d;
+        mv.v[k] = static_cast<scalar_t>(b);
+        b = static_cast<opmath_t>(mv.v[k]);
+        d = kNesterov ? d + momentum * b : b;
+      }
+      wv.v[k] = static_cast<scalar_t>(w0 - lr * d);
     }
-    w[i] = static_cast<scalar_t>(w0 - lr * d);
-  }
+    if (kMomentum) store_pack<V>(buf, i, mv);
+    store_pack<V>(w, i, wv);
+  });
 }
 
 // skip / started: one-element bool tensors on w's device (read by the kernels there).
@@ -143,25 +222,40 @@ void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
               "samfast: ", name, " does not match w in size, dtype or device");
 }
 
+// launch(kVec): the vector variant when every stream the kernel reads or writes starts 16-byte
+// aligned, else the scalar one.
+template <typename scalar_t, typename Launch>
+void launch_vec_or_scalar(bool aligned, Launch launch) {
+  constexpr int kVec = vec_of<scalar_t>();
+  if (aligned) {
+    launch(std::integral_constant<int, kVec>());
+  } else {
+    launch(std::integral_constant<int, 1>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor sq_norm_cuda(const at::Tensor& g, const at::Tensor& w, bool adaptive, double eta) {
   check_cuda(g, g, "g");
   check_cuda(w, g, "w");
   c10::cuda::CUDAGuard guard(g.device());
   const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int blocks = std::min(blocks_for(g.numel()), kReduceBlocks);
-  at::Tensor partial = at::empty({blocks}, g.options().dtype(acc));
+  const int64_t n = g.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "sq_norm", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    auto* out = partial.mutable_data_ptr<opmath_t>();
-    if (adaptive) {
-      sq_norm_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), g.numel(), eta, out);
-    } else {
-      sq_norm_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), g.numel(), eta, out);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    launch_vec_or_scalar<scalar_t>(aligned16(gp) && (!adaptive || aligned16(wp)), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const int blocks = std::min(blocks_for_packs<V>(n), kReduceBlocks);
+      partial = at::empty({blocks}, g.options().dtype(acc));
+      auto* kernel = adaptive ? sq_norm_kernel<scalar_t, V, true>
+                              : sq_norm_kernel<scalar_t, V, false>;
+      kernel<<<blocks, kThreads, 0, stream>>>(gp, wp, n, eta,
+                                              partial.mutable_data_ptr<opmath_t>());
+    });
   });
   return partial.sum();
 }
@@ -169,13 +263,18 @@ at::Tensor sq_norm_cuda(const at::Tensor& g, const at::Tensor& w, bool adaptive,
 at::Tensor nonfinite_cuda(const at::Tensor& g) {
   check_cuda(g, g, "g");
   c10::cuda::CUDAGuard guard(g.device());
-  const int blocks = std::min(blocks_for(g.numel()), kReduceBlocks);
-  at::Tensor partial = at::empty({blocks}, g.options().dtype(at::kFloat));
+  const int64_t n = g.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "nonfinite", [&] {
-    nonfinite_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), g.numel(), partial.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    launch_vec_or_scalar<scalar_t>(aligned16(gp), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const int blocks = std::min(blocks_for_packs<V>(n), kReduceBlocks);
+      partial = at::empty({blocks}, g.options().dtype(at::kFloat));
+      nonfinite_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(
+          gp, n, partial.mutable_data_ptr<float>());
+    });
   });
   return partial.sum();
 }
@@ -190,24 +289,22 @@ void ascent_cuda(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const a
               "samfast: scale must be a one-element tensor on ", w.device());
   c10::cuda::CUDAGuard guard(w.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = w.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "ascent_", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(scale.scalar_type() == c10::CppTypeToScalarType<opmath_t>::value,
                 "samfast: scale must have the opmath dtype of w");
-    const at::Tensor& s = scale;
-    const int blocks = blocks_for(w.numel());
-    if (adaptive) {
-      ascent_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          w.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          backup.mutable_data_ptr<scalar_t>(), w.numel(), s.const_data_ptr<opmath_t>(),
-          skip.const_data_ptr<bool>(), eta);
-    } else {
-      ascent_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          w.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          backup.mutable_data_ptr<scalar_t>(), w.numel(), s.const_data_ptr<opmath_t>(),
-          skip.const_data_ptr<bool>(), eta);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    scalar_t* wp = w.mutable_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* bp = backup.mutable_data_ptr<scalar_t>();
+    const opmath_t* sp = scale.const_data_ptr<opmath_t>();
+    const bool* skp = skip.const_data_ptr<bool>();
+    const bool aligned = aligned16(wp) && aligned16(gp) && aligned16(bp);
+    launch_vec_or_scalar<scalar_t>(aligned, [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      auto* kernel = adaptive ? ascent_kernel<scalar_t, V, true> : ascent_kernel<scalar_t, V, false>;
+      kernel<<<blocks_for_packs<V>(n), kThreads, 0, stream>>>(wp, gp, bp, n, sp, skp, eta);
+    });
   });
 }
 
@@ -216,15 +313,22 @@ void restore_sgd_launch(at::Tensor& w, const at::Tensor& g, const at::Tensor& ba
                         at::Tensor& buf, const at::Tensor& skip, const at::Tensor& lr,
                         double momentum, double dampening, double wd, bool nesterov,
                         const at::Tensor& started, cudaStream_t stream) {
-  auto* kernel = momentum == 0 ? restore_sgd_kernel<scalar_t, false, false>
-                 : nesterov    ? restore_sgd_kernel<scalar_t, true, true>
-                               : restore_sgd_kernel<scalar_t, true, false>;
-  kernel<<<blocks_for(w.numel()), kThreads, 0, stream>>>(
-      w.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-      backup.const_data_ptr<scalar_t>(), buf.mutable_data_ptr<scalar_t>(), w.numel(),
-      skip.const_data_ptr<bool>(), lr.const_data_ptr<double>(), started.const_data_ptr<bool>(),
-      momentum, dampening, wd);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t n = w.numel();
+  scalar_t* wp = w.mutable_data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* bp = backup.const_data_ptr<scalar_t>();
+  scalar_t* mp = buf.mutable_data_ptr<scalar_t>();
+  const bool aligned = aligned16(wp) && aligned16(gp) && aligned16(bp) &&
+                       (momentum == 0 || aligned16(mp));
+  launch_vec_or_scalar<scalar_t>(aligned, [&](auto vec) {
+    constexpr int V = decltype(vec)::value;
+    auto* kernel = momentum == 0 ? restore_sgd_kernel<scalar_t, V, false, false>
+                   : nesterov    ? restore_sgd_kernel<scalar_t, V, true, true>
+                                 : restore_sgd_kernel<scalar_t, V, true, false>;
+    kernel<<<blocks_for_packs<V>(n), kThreads, 0, stream>>>(
+        wp, gp, bp, mp, n, skip.const_data_ptr<bool>(), lr.const_data_ptr<double>(),
+        started.const_data_ptr<bool>(), momentum, dampening, wd);
+  });
 }
 
 void restore_sgd_cuda(at::Tensor& w, const at::Tensor& g, const at::Tensor& backup,
