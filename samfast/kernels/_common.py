@@ -8,6 +8,11 @@ import triton.language as tl
 
 # Elements per program. Memory-bound streams want a few thousand elements per program on a
 # GPU; under the CPU interpreter (~0.5 ms per program) fewer, larger programs keep tests fast.
+# A thread holds BLOCK / (32 * NUM_WARPS) = 16 elements of each stream in registers, and an fp64
+# value takes two registers, so fp64 programs take half as many elements (block_for):
+# tests/test_compile.py reports, for restore + SGD with Nesterov momentum on sm_90, 160
+# registers per thread at 4096 fp64 elements (one 8-warp program fits an SM's 64K registers)
+# and 76 at 2048 (three fit), against 74 for fp32 at 4096.
 BLOCK = 4096
 NUM_WARPS = 8
 # Launch option of the elementwise kernels: no a + b * c -> FMA contraction, so their rounding
@@ -16,8 +21,13 @@ NUM_WARPS = 8
 NO_FMA = dict(enable_fp_fusion=False)
 
 
-def grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK),)
+def block_for(dtype: torch.dtype) -> int:
+    """Elements per program for buffers of ``dtype`` (see BLOCK)."""
+    return BLOCK // 2 if dtype == torch.float64 else BLOCK
+
+
+def grid(n: int, block: int = BLOCK) -> tuple[int]:
+    return (triton.cdiv(n, block),)
 
 
 def split_fp32(x: float) -> tuple[float, float]:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK, NO_FMA, NUM_WARPS, grid, join_fp32, split_fp32, to_storage,
+from ._common import (NO_FMA, NUM_WARPS, block_for, grid, join_fp32, split_fp32, to_storage,
                       upcast)
 
 
@@ -36,7 +36,8 @@ def _ascent_kernel(w_ptr, g_ptr, backup_ptr, scale_ptr, skip_ptr, n, eta_hi, eta
 
 def ascent_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, scale: torch.Tensor,
             skip: torch.Tensor, adaptive: bool, eta: float) -> None:
-    n = w.numel()
-    _ascent_kernel[grid(n)](w, g, backup, scale, skip.view(torch.uint8), n, *split_fp32(eta),
-                            ADAPTIVE=adaptive, FP64=w.dtype == torch.float64, BLOCK=BLOCK,
-                            num_warps=NUM_WARPS, **NO_FMA)
+    n, block = w.numel(), block_for(w.dtype)
+    _ascent_kernel[grid(n, block)](w, g, backup, scale, skip.view(torch.uint8), n,
+                                   *split_fp32(eta), ADAPTIVE=adaptive,
+                                   FP64=w.dtype == torch.float64, BLOCK=block,
+                                   num_warps=NUM_WARPS, **NO_FMA)

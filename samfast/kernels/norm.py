@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, grid, join_fp32, split_fp32, upcast
+from ._common import NUM_WARPS, block_for, grid, join_fp32, split_fp32, upcast
 
 
 @triton.jit
@@ -43,18 +43,18 @@ def _nonfinite_kernel(g_ptr, partial_ptr, n, FP64: tl.constexpr, BLOCK: tl.const
 def sq_norm(g: torch.Tensor, w: torch.Tensor, adaptive: bool, eta: float) -> torch.Tensor:
     """sum((T(w) * g)^2) as a 0-d tensor: fp32, fp64 for fp64 buffers."""
     fp64 = g.dtype == torch.float64
-    n = g.numel()
-    partial = torch.empty(grid(n)[0], dtype=torch.float64 if fp64 else torch.float32,
+    n, block = g.numel(), block_for(g.dtype)
+    partial = torch.empty(grid(n, block)[0], dtype=torch.float64 if fp64 else torch.float32,
                           device=g.device)
-    _sq_norm_kernel[grid(n)](g, w, partial, n, *split_fp32(eta), ADAPTIVE=adaptive, FP64=fp64,
-                             BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _sq_norm_kernel[grid(n, block)](g, w, partial, n, *split_fp32(eta), ADAPTIVE=adaptive,
+                                    FP64=fp64, BLOCK=block, num_warps=NUM_WARPS)
     return partial.sum()
 
 
 def nonfinite(g: torch.Tensor) -> torch.Tensor:
     """How many entries of g are +-inf or NaN, as a 0-d fp32 tensor."""
-    n = g.numel()
-    partial = torch.empty(grid(n)[0], dtype=torch.float32, device=g.device)
-    _nonfinite_kernel[grid(n)](g, partial, n, FP64=g.dtype == torch.float64, BLOCK=BLOCK,
-                               num_warps=NUM_WARPS)
+    n, block = g.numel(), block_for(g.dtype)
+    partial = torch.empty(grid(n, block)[0], dtype=torch.float32, device=g.device)
+    _nonfinite_kernel[grid(n, block)](g, partial, n, FP64=g.dtype == torch.float64,
+                                      BLOCK=block, num_warps=NUM_WARPS)
     return partial.sum()

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK, NO_FMA, NUM_WARPS, grid, join_fp32, split_fp32, to_storage,
+from ._common import (NO_FMA, NUM_WARPS, block_for, grid, join_fp32, split_fp32, to_storage,
                       upcast)
 
 
@@ -54,9 +54,9 @@ def restore_sgd_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, buf: to
                  weight_decay: float, nesterov: bool, started: torch.Tensor) -> None:
     """``lr``: a one-element float64 tensor, ``skip``/``started`` one-element bool tensors, all
     on w's device (read by the kernel)."""
-    n = w.numel()
-    _restore_sgd_kernel[grid(n)](
+    n, block = w.numel(), block_for(w.dtype)
+    _restore_sgd_kernel[grid(n, block)](
         w, g, backup, buf, skip.view(torch.uint8), lr, started.view(torch.uint8), n,
         *split_fp32(momentum), *split_fp32(dampening), *split_fp32(weight_decay),
         MOMENTUM=momentum != 0, NESTEROV=nesterov, FP64=w.dtype == torch.float64,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, **NO_FMA)
+        BLOCK=block, num_warps=NUM_WARPS, **NO_FMA)
