@@ -302,7 +302,8 @@ void ascent_cuda(at::Tensor& w, const at::Tensor& g, at::Tensor& backup, const a
     const bool aligned = aligned16(wp) && aligned16(gp) && aligned16(bp);
     launch_vec_or_scalar<scalar_t>(aligned, [&](auto vec) {
       constexpr int V = decltype(vec)::value;
-      auto* kernel = adaptive ? ascent_kernel<scalar_t, V, true> : ascent_kernel<scalar_t, V, false>;
+      auto* kernel = adaptive ? ascent_kernel<scalar_t, V, true>
+                              : ascent_kernel<scalar_t, V, false>;
       kernel<<<blocks_for_packs<V>(n), kThreads, 0, stream>>>(wp, gp, bp, n, sp, skp, eta);
     });
   });
