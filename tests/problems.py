@@ -55,9 +55,13 @@ def grad_of(w: torch.Tensor, coeff) -> torch.Tensor:
     return (a * w64 + b * torch.sin(w64) + c).to(w.dtype)
 
 
-def _set_grads(params, coeffs, mask) -> None:
-    for p, coeff, has in zip(params, coeffs, mask):
-        p.grad = grad_of(p, coeff) if has else None
+def _backward(params, coeffs, mask) -> None:
+    """Gradients by a real backward pass, as training produces them: the loss
+    sum(w * G) with G = g(w) held constant has gradient exactly G. Params outside ``mask``
+    take no part in the loss, so they get no gradient (grad None after zero_grad)."""
+    terms = [(p * grad_of(p, coeff)).sum() for p, coeff, has in zip(params, coeffs, mask) if has]
+    if terms:
+        torch.stack([t.double() for t in terms]).sum().backward()
 
 
 def base_factory(base: str, group: GTGroup):
@@ -89,10 +93,11 @@ def run_samfast(problem: Problem, dtype, base: str = "sgd", backend: str = "refe
     """Explicit-API run; returns (params, opt)."""
     params, opt = build_samfast(problem, dtype, base, backend, device)
     sched = scheduler(opt) if scheduler else None
+    opt.zero_grad()
     for t in range(problem.steps):
-        _set_grads(params, problem.coeffs[t], problem.masks[t][0])
+        _backward(params, problem.coeffs[t], problem.masks[t][0])
         opt.first_step(zero_grad=True)
-        _set_grads(params, problem.coeffs[t], problem.masks[t][1])
+        _backward(params, problem.coeffs[t], problem.masks[t][1])
         opt.second_step(zero_grad=True)
         if sched is not None:
             sched.step()
