@@ -13,9 +13,10 @@ the global batch:
   bit-exactly and applies the same averaged descent gradient.
 
 In both modes the SGD phase of a switch schedule costs one pass and one all-reduce, like plain
-DDP training. Skip decisions are the same on every replica: in ``"local"`` mode the
-finiteness of the local ascent gradients is agreed by an all-reduce first (one scalar), so a
-replica that saw an inf does not skip alone.
+DDP training. Skip decisions are the same on every replica: in ``"local"`` mode each
+replica's skip flag (its local N is not finite) is all-reduced with MAX on the device before
+the ascent uses it (one scalar, no host sync), so a replica that saw an inf does not skip
+alone; the descent gradient is the all-reduced one, the same everywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .backends.reference import grads_finite
 from .bn import running_stats_disabled
 from .sam import SAM
 
@@ -40,12 +40,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _local_grads_finite(optimizer: SAM, device: torch.device) -> bool:
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    finite = torch.tensor(float(grads_finite(params)), device=device)
+def _all_replicas_skip(skip: Tensor) -> None:
+    """Make a 0-d bool skip flag agree across processes (any replica skips -> all do)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
+        flag = skip.to(torch.uint8)  # all-reduce has no MAX for bool on every backend
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        skip.copy_(flag.bool())
 
 
 def sam_step(model: nn.Module, optimizer: SAM, loss_fn: Callable[[], Tensor],
@@ -80,15 +80,15 @@ def sam_step(model: nn.Module, optimizer: SAM, loss_fn: Callable[[], Tensor],
     with model.no_sync() if local else contextlib.nullcontext():
         loss = loss_fn()
         backward(loss)
-    device = next(unwrap(model).parameters()).device
-    if local and not _local_grads_finite(optimizer, device):
-        optimizer.zero_grad()
-        optimizer._count_skip(True)
-        return loss.detach()
-    optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler)
-    with running_stats_disabled(unwrap(model), enabled=optimizer.perturbed):
-        loss2 = loss_fn()
-    backward(loss2)
+    optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler,
+                         agree_skip=_all_replicas_skip if local else None)
+    try:
+        with running_stats_disabled(unwrap(model), enabled=optimizer.perturbed):
+            loss2 = loss_fn()
+        backward(loss2)
+    except BaseException:  # the weights hold w + e: put w back before propagating
+        optimizer.abort_step()
+        raise
     optimizer.second_step(zero_grad=True, grad_scaler=grad_scaler)
     if grad_scaler is not None:
         grad_scaler.update()

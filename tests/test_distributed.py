@@ -47,7 +47,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, port, out, ascent, backend, schedule_start):
+def _worker(rank, port, out, ascent, backend, schedule_start, nan_step=None, omit_step=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -62,15 +62,26 @@ def _worker(rank, port, out, ascent, backend, schedule_start):
             warnings.filterwarnings("error", message=".*copied into it.*")
             for step in range(STEPS):
                 schedule.apply(opt, step)  # per-step phases: SGD first, then SAM
+                if step == omit_step:
+                    continue
                 x, y = full_batch(step)
                 xs, ys = shard(x, rank), shard(y, rank)
-                sam_step(ddp, opt, lambda: F.cross_entropy(ddp(xs), ys), ascent=ascent)
+                calls = []
+
+                def loss_fn():
+                    calls.append(1)
+                    loss = F.cross_entropy(ddp(xs), ys)
+                    # a NaN in one replica's ascent gradient only
+                    poisoned = step == nan_step and rank == 1 and len(calls) == 1
+                    return loss * float("nan") if poisoned else loss
+                sam_step(ddp, opt, loss_fn, ascent=ascent)
         if backend != "reference":  # DDP's averaged gradients land in the flat buffer
             F.cross_entropy(ddp(xs), ys).backward()
             flat = opt._backend.buckets[0].grad.untyped_storage().data_ptr()
             assert all(p.grad.untyped_storage().data_ptr() == flat for p in model.parameters())
             opt.zero_grad()
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+        torch.save({**{k: v.detach().clone() for k, v in model.state_dict().items()},
+                    "skipped_steps": torch.tensor(opt.skipped_steps)},
                    os.path.join(out, f"rank{rank}.pt"))
         if rank == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()},
@@ -79,8 +90,10 @@ def _worker(rank, port, out, ascent, backend, schedule_start):
         dist.destroy_process_group()
 
 
-def run_ddp(tmp_path, ascent, backend="reference", schedule_start=0):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), ascent, backend, schedule_start),
+def run_ddp(tmp_path, ascent, backend="reference", schedule_start=0, nan_step=None,
+            omit_step=None):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), ascent, backend, schedule_start,
+                            nan_step, omit_step),
              nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
@@ -92,6 +105,7 @@ BACKENDS = [b for b in samfast.available_backends("cpu") if b != "triton"]
 def test_global_ascent_equals_single_process_sam_on_the_full_batch(tmp_path, backend):
     ranks = run_ddp(tmp_path, "global", backend)
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # bitwise across ranks
+    assert int(ranks[0].pop("skipped_steps")) == 0
     model = make_model()
     opt = make_opt(model, backend)
     for step in range(STEPS):
@@ -104,6 +118,7 @@ def test_global_ascent_equals_single_process_sam_on_the_full_batch(tmp_path, bac
 def test_local_ascent_equals_hand_computed_m_sharpness(tmp_path):
     ranks = run_ddp(tmp_path, "local")
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    ranks[0].pop("skipped_steps")
     # m-sharpness by hand: each shard perturbs with its own normalized gradient; the descent
     # gradient is the average of the shards' gradients at their own perturbed points.
     model = make_model()
@@ -134,11 +149,27 @@ def test_local_ascent_equals_hand_computed_m_sharpness(tmp_path):
         torch.testing.assert_close(ranks[0][k], v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_local_ascent_nan_on_one_replica_skips_the_step_on_all(tmp_path, backend):
+    """A non-finite ascent gradient on rank 1 alone (local mode: no all-reduce of the ascent
+    pass) skips the step on both ranks: the same weights as a run without that step."""
+    (tmp_path / "nan").mkdir()
+    (tmp_path / "omit").mkdir()
+    poisoned = run_ddp(tmp_path / "nan", "local", backend, nan_step=7)
+    without = run_ddp(tmp_path / "omit", "local", backend, omit_step=7)
+    assert [int(r["skipped_steps"]) for r in poisoned] == [1, 1]
+    for k in poisoned[0]:
+        if k != "skipped_steps":
+            assert torch.equal(poisoned[0][k], poisoned[1][k])
+            torch.testing.assert_close(poisoned[0][k], without[0][k], rtol=1e-12, atol=1e-14)
+
+
 def test_switch_schedule_under_ddp_and_resume_from_rank0_checkpoint(tmp_path):
     """SGD for 12 steps then SAM (global), checkpoint written by rank 0 only; a fresh
     optimizer loads it and matches the ranks' state."""
     ranks = run_ddp(tmp_path, "global", schedule_start=12)
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    ranks[0].pop("skipped_steps")
     model = make_model()
     opt = make_opt(model, "reference")
     schedule = samfast.SwitchSchedule(STEPS, sam_start=12)
