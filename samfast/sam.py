@@ -163,8 +163,10 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         _check_group({**self.defaults, "params": []})
 
-        devices = {p.device for g in self.param_groups for p in g["params"]} or {torch.device("cpu")}
-        self._backend = resolve_backend(backend, devices)
+        params = [p for g in self.param_groups for p in g["params"]]
+        devices = {p.device for p in params} or {torch.device("cpu")}
+        self._backend = resolve_backend(backend, devices, {p.dtype for p in params} or
+                                        {torch.float32})
         self._backend.bind(self)
         self.sam_enabled = True
         self.skipped_steps = 0

@@ -14,15 +14,21 @@ machine; a backend owns the arithmetic and the memory layout.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import native, triton_backend
 from .reference import ReferenceBackend
 
 _ALL = ("reference", "native", "triton")
-# "auto": fastest first, per device type. CPU: the C++ kernels (the interpreter is for tests
-# only). CUDA: native until bench/gpu_check.sh has measured Triton against it on a GPU.
-_PREFERENCE = {"cpu": ["native", "reference"], "cuda": ["native", "triton", "reference"]}
+# "auto", per device type. CPU: the C++ kernels (Triton runs there only under its
+# interpreter, for tests). CUDA: Triton first, because its kernels' logic is what CI executes
+# (under the interpreter) while the CUDA C++ kernels are only compiled there; no GPU has yet
+# measured one against the other (bench/gpu_check.sh will).
+_PREFERENCE = {"cpu": ["native", "reference"], "cuda": ["triton", "native", "reference"]}
+# (backend, device) -> None when its self-check passed in this process, else what failed.
+_CHECKED: dict[tuple[str, str], str | None] = {}
 
 
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -42,14 +48,58 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [name for name in _ALL if _unavailable_reason(name, dev) is None]
 
 
-def resolve_backend(name: str, devices: set[torch.device]):
-    """A new instance of the backend ``name`` ("auto" allowed) for params on ``devices``."""
+def ops_namespace(name: str):
+    """The ``torch.ops`` namespace implementing the op contract for a fused backend."""
+    return native.ops() if name == "native" else triton_backend.ops()
+
+
+def self_check_failure(name: str, device: torch.device, dtypes) -> str | None:
+    """Run the quick self-check of a fused backend on ``device`` once per process (per
+    dtype); None if every op matched its reference, else which ops did not."""
+    from ..selfcheck import check_backend
+
+    failures = []
+    for dtype in sorted(dtypes, key=str):
+        key = (name, f"{device}/{dtype}")
+        if key not in _CHECKED:
+            # aligned buffers of a length divisible by 16: the kernel variants training uses
+            bad = [c for c in check_backend(name, device, n=16 * 257, dtypes=(dtype,),
+                                            offsets=(0,)) if not c.ok]
+            _CHECKED[key] = "; ".join(
+                f"{c.op} ({str(c.dtype).replace('torch.', '')}{', ' + c.detail if c.detail else ''}): "
+                f"max error {c.max_error:.3g} ulp" for c in bad[:3]) or None
+        if _CHECKED[key] is not None:
+            failures.append(_CHECKED[key])
+    return "; ".join(failures) or None
+
+
+def _auto(devices: set[torch.device], dtypes) -> str:
+    """The first available backend of the device's preference list whose self-check passes
+    on every device; a fused backend that fails it is skipped with a warning naming the op."""
+    main = "cuda" if any(d.type == "cuda" for d in devices) else "cpu"
+    for candidate in _PREFERENCE[main]:
+        if any(_unavailable_reason(candidate, d) is not None for d in devices):
+            continue
+        if candidate == "reference":
+            return candidate
+        failure = next((f"{d}: {f}" for d in devices
+                        if (f := self_check_failure(candidate, d, dtypes)) is not None), None)
+        if failure is None:
+            return candidate
+        warnings.warn(f"samfast: backend='auto' does not use {candidate!r}: its self-check "
+                      f"against the reference failed on {failure}. Falling back; run "
+                      "`python -m samfast` for the full report.", RuntimeWarning, stacklevel=4)
+    return "reference"
+
+
+def resolve_backend(name: str, devices: set[torch.device], dtypes=(torch.float32,)):
+    """A new instance of the backend ``name`` for params on ``devices`` with ``dtypes``.
+    ``"auto"`` checks a fused backend on each device once per process before choosing it;
+    an explicit name is used as asked."""
     if not isinstance(name, str):
         raise TypeError(f"Invalid backend: must be a string, got {type(name).__name__}")
     if name == "auto":
-        main = "cuda" if any(d.type == "cuda" for d in devices) else "cpu"
-        name = next(c for c in _PREFERENCE[main]
-                    if all(_unavailable_reason(c, d) is None for d in devices))
+        name = _auto(devices, set(dtypes))
     for dev in devices:
         reason = _unavailable_reason(name, dev)
         if reason is not None:
@@ -57,4 +107,4 @@ def resolve_backend(name: str, devices: set[torch.device]):
     if name == "reference":
         return ReferenceBackend()
     from .fused import FusedBackend
-    return FusedBackend(name, native.ops() if name == "native" else triton_backend.ops())
+    return FusedBackend(name, ops_namespace(name))
