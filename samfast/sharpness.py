@@ -23,6 +23,8 @@ Ritz values) is float64 with full reorthogonalization, so a run of m iterations 
 extreme eigenvalues of H restricted to the m-dimensional Krylov space; memory is that basis,
 m x num_params float64 numbers (``basis_device="cpu"`` keeps it off the GPU).
 
+``data`` is one ``(inputs, targets)`` batch or an iterable of them (see ``_args.as_batches``).
+
 The model is left exactly as it was: its train/eval mode (per module), its ``.grad``s (the
 products use ``torch.autograd.grad``) and its BatchNorm buffers. BatchNorm runs in eval mode
 by default (the running statistics define the function being measured); ``bn_mode="train"``
@@ -38,6 +40,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+from ._args import SEED_MAX, as_batches, float_arg, int_arg
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -107,10 +111,10 @@ class _HessianOperator:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("Invalid model: it has no parameter with requires_grad")
-        self.batches = list(data)
-        if not self.batches:
-            raise ValueError("Invalid data: no batches")
+        self.batches = as_batches(data)
         self.total = sum(len(y) for _, y in self.batches)
+        if self.total == 0:
+            raise ValueError("Invalid data: the batches hold no samples")
         self.numel = sum(p.numel() for p in self.params)
         self.device = device or self.params[0].device
         self.calls = 0
@@ -296,12 +300,15 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
     largest first, as a float64 CPU tensor.
 
     Args:
+        data: one batch ``(inputs, targets)`` (a tuple or list of exactly two tensors with
+            the same first dimension, as PyHessian takes it) or an iterable of such batches.
         method: "lanczos" (default) or "power" (power iteration with deflation, as PyHessian;
             it finds the largest-magnitude eigenvalues, which differ when H has large negative
             ones).
         max_iter: Lanczos iterations (each one Hessian-vector product), or power iterations
             per eigenvalue.
         tol: stop when the top-k values change by less than ``tol`` (relative) per iteration.
+        seed: the start vector's (an int in [0, 2**63)).
         return_eigenvectors: False, True / "flat" (flat float64 vectors), or "params"
             (per-parameter tensors in the params' dtype).
         bn_mode: "eval" (default) or "train" (batch statistics; buffers are restored).
@@ -311,15 +318,16 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
             for every product (False: memory of one batch only), or decide from its size
             ("auto", the default: keep when all batches' graphs fit in a quarter of the free
             memory of the device).
+
+    Integer arguments take any integer type (``np.int64``), ``tol`` any real number; a bad
+    argument raises ValueError naming it, bad ``data`` TypeError or ValueError.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"Invalid k: {k!r} (must be an int >= 1)")
+    k = int_arg("k", k, 1)
     if method not in ("lanczos", "power"):
         raise ValueError(f"Invalid method: {method!r} (choose 'lanczos' or 'power')")
-    if max_iter < 1:
-        raise ValueError(f"Invalid max_iter: {max_iter} (must be >= 1)")
-    if not tol > 0:
-        raise ValueError(f"Invalid tol: {tol} (must be > 0)")
+    max_iter = int_arg("max_iter", max_iter, 1)
+    tol = float_arg("tol", tol, strict=True)
+    seed = int_arg("seed", seed, 0, SEED_MAX)
     if return_eigenvectors not in (False, True, "flat", "params"):
         raise ValueError(f"Invalid return_eigenvectors: {return_eigenvectors!r}")
     with _measurement_mode(model, bn_mode):
@@ -349,9 +357,9 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_samples: 
                   cache_graph: bool | str = "auto"):
     """Hutchinson's estimate of tr(H): the mean of v^T H v over ``n_samples`` Rademacher
     vectors v (unbiased; with ``return_std`` also the standard error of the mean).
-    ``cache_graph`` as in :func:`hessian_eigenvalues`."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"Invalid n_samples: {n_samples!r} (must be an int >= 1)")
+    ``data``, ``cache_graph`` and the argument checks as in :func:`hessian_eigenvalues`."""
+    n_samples = int_arg("n_samples", n_samples, 1)
+    seed = int_arg("seed", seed, 0, SEED_MAX)
     gen = torch.Generator().manual_seed(seed)
     with _measurement_mode(model, bn_mode):
         op = _HessianOperator(model, loss_fn, data, cache_graph=cache_graph)
