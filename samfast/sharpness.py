@@ -20,8 +20,9 @@ development CPU, ResNet-20, 2 x 256 images, one product relative to one forward 
 
 The Lanczos bookkeeping (basis, tridiagonal matrix,
 Ritz values) is float64 with full reorthogonalization, so a run of m iterations returns the
-extreme eigenvalues of H restricted to the m-dimensional Krylov space; memory is that basis,
-m x num_params float64 numbers (``basis_device="cpu"`` keeps it off the GPU).
+extreme eigenvalues of H restricted to the m-dimensional Krylov space. Its memory is one
+buffer of (max_iter + 1) x num_params float64 numbers, allocated before the first product
+(``basis_device="cpu"`` keeps it off the GPU).
 
 ``data`` is one ``(inputs, targets)`` batch or an iterable of them (see ``_args.as_batches``).
 
@@ -211,21 +212,26 @@ def _lanczos(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int,
     max_iter = min(max_iter, n)
     info = SharpnessInfo("lanczos")
     dev = torch.device(basis_device) if basis_device is not None else op.device
-    basis = [_start_vector(n, seed, dev)]
+    # The whole basis is one buffer, allocated before the first product: row j is the j-th
+    # Lanczos vector and row j + 1 is where the next one is built, so an iteration copies
+    # nothing and the memory is known (and an out-of-memory error comes) up front.
+    basis = torch.empty(max_iter + 1, n, dtype=torch.float64, device=dev)
+    basis[0] = _start_vector(n, seed, dev)
     alphas: list[float] = []
     betas: list[float] = []
     previous = None
     ritz = evecs = None
     for j in range(max_iter):
-        w = op(basis[j].to(op.device)).to(dev)
-        alpha = float(w @ basis[j])
+        q, w = basis[j], basis[j + 1]
+        w.copy_(op(q.to(op.device)))
+        alpha = float(w @ q)
         alphas.append(alpha)
-        w -= alpha * basis[j]
+        w.add_(q, alpha=-alpha)
         if j > 0:
-            w -= betas[-1] * basis[j - 1]
-        V = torch.stack(basis)
+            w.add_(basis[j - 1], alpha=-betas[-1])
+        V = basis[:j + 1]
         for _ in range(2):  # full reorthogonalization, twice is enough ("twice is enough")
-            w -= V.T @ (V @ w)
+            w.addmv_(V.T, V @ w, alpha=-1)
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
             off = torch.tensor(betas, dtype=torch.float64)
@@ -247,13 +253,13 @@ def _lanczos(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int,
             break
         if j + 1 < max_iter:
             betas.append(beta)
-            basis.append(w / beta)
+            w /= beta
     info.hvps = op.calls
     order = torch.argsort(ritz, descending=True)[:k]
     values = ritz[order].cpu()
     vectors = None
     if want_vectors:
-        V = torch.stack(basis[:len(alphas)])
+        V = basis[:len(alphas)]
         vectors = [(V.T @ evecs[:, i].to(V.device)) for i in order]
     return values, vectors, info
 
@@ -306,7 +312,8 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
             it finds the largest-magnitude eigenvalues, which differ when H has large negative
             ones).
         max_iter: Lanczos iterations (each one Hessian-vector product), or power iterations
-            per eigenvalue.
+            per eigenvalue. Lanczos allocates its basis for all of them up front:
+            ``(max(max_iter, k) + 1) x num_params`` float64 numbers on ``basis_device``.
         tol: stop when the top-k values change by less than ``tol`` (relative) per iteration.
         seed: the start vector's (an int in [0, 2**63)).
         return_eigenvectors: False, True / "flat" (flat float64 vectors), or "params"
