@@ -274,3 +274,33 @@ def test_lanczos_basis_is_one_buffer_allocated_once():
     assert sum(allocations.nbytes) < (max_iter + 1) * vector + 12 * max_iter * vector
     assert 0.99 < float(values[0]) <= 1.0 + 1e-12  # Ritz values lie inside the spectrum
 
+
+def test_residuals_bound_the_error_and_flag_convergence():
+    """For every returned eigenvalue, the exact spectrum has a point within its residual;
+    an eigenvalue flagged converged is within tol of it, and stopping early leaves the
+    others flagged."""
+    lam = torch.cat([torch.tensor([10.0, 9.0], dtype=torch.float64),
+                     torch.linspace(-2, 8, 70, dtype=torch.float64)])
+    model = Quadratic(lam, seed=7)
+    data = [(torch.zeros(1), torch.zeros(1))]
+    for max_iter, tol in ((3, 1e-6), (8, 1e-6), (40, 1e-6), (40, 1e-3)):
+        eigs, info = samfast.hessian_eigenvalues(model, value_loss, data, k=2,
+                                                 max_iter=max_iter, tol=tol, return_info=True)
+        assert len(info.residuals) == len(info.eigenvalue_converged) == 2
+        for value, residual, ok in zip(eigs.tolist(), info.residuals,
+                                       info.eigenvalue_converged):
+            error = float((lam - value).abs().min())
+            assert error <= residual * (1 + 1e-9) + 1e-12
+            assert ok == (residual <= tol * abs(value))
+            if ok:
+                assert error <= tol * abs(value)
+        assert info.converged == all(info.eigenvalue_converged)
+        assert info.converged == (info.iterations < max_iter)
+        if max_iter == 3:
+            assert not any(info.eigenvalue_converged)
+        if max_iter == 40:
+            assert info.converged
+            torch.testing.assert_close(eigs, lam[:2], rtol=tol, atol=0)
+    _, p_info = samfast.hessian_eigenvalues(model, value_loss, data, k=1, method="power",
+                                            max_iter=2, tol=1e-6, return_info=True)
+    assert p_info.eigenvalue_converged == [False] and not p_info.converged
