@@ -52,15 +52,18 @@ def float_arg(name: str, value, minimum: float = 0.0, strict: bool = False) -> f
 SEED_MAX = 2**63 - 1  # torch generators take seeds below 2**64; room for seed + i
 
 
-def as_batches(data) -> list:
-    """``data`` as a list of (inputs, targets) batches.
+_HINT = "pass one batch as (inputs, targets) or an iterable of (inputs, targets) batches"
+
+
+def iter_batches(data):
+    """The (inputs, targets) batches of ``data``, each checked as it comes (so a DataLoader
+    streams).
 
     The rule: a tuple or list of exactly two tensors is one batch (as PyHessian takes it);
     anything else must be an iterable of (inputs, targets) pairs, e.g. a list of tuples or a
     DataLoader. A pair of tensors cannot be an iterable of batches, since its items would be
     tensors rather than pairs, so the rule is unambiguous.
     """
-    hint = "pass one batch as (inputs, targets) or an iterable of (inputs, targets) batches"
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, Tensor) for t in data):
         x, y = data
@@ -68,26 +71,33 @@ def as_batches(data) -> list:
             raise ValueError(f"Invalid data: a pair of tensors is one (inputs, targets) batch, "
                              f"but their first dimensions differ: inputs {tuple(x.shape)}, "
                              f"targets {tuple(y.shape)}")
-        return [(x, y)]
+        yield x, y
+        return
     if isinstance(data, Tensor):
-        raise TypeError(f"Invalid data: a single Tensor {tuple(data.shape)}; {hint}")
+        raise TypeError(f"Invalid data: a single Tensor {tuple(data.shape)}; {_HINT}")
     try:
-        batches = list(data)
+        batches = iter(data)
     except TypeError:
-        raise TypeError(f"Invalid data: {type(data).__name__} is not iterable; {hint}") from None
+        raise TypeError(f"Invalid data: {type(data).__name__} is not iterable; {_HINT}") from None
     for i, batch in enumerate(batches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             what = (f"a Tensor {tuple(batch.shape)}" if isinstance(batch, Tensor)
                     else f"a {type(batch).__name__}"
                     + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
             raise TypeError(f"Invalid data: batch {i} is {what}, not an (inputs, targets) "
-                            f"pair; {hint}")
+                            f"pair; {_HINT}")
         try:
             len(batch[1])
         except TypeError:
             raise TypeError(f"Invalid data: batch {i} has targets of type "
                             f"{type(batch[1]).__name__} without a length (the batch size "
                             f"weighs each batch)") from None
+        yield batch[0], batch[1]
+
+
+def as_batches(data) -> list:
+    """The batches of ``data`` (see :func:`iter_batches`) as a list; at least one."""
+    batches = list(iter_batches(data))
     if not batches:
         raise ValueError("Invalid data: no batches")
     return batches

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._args import SEED_MAX, as_batches, float_arg, int_arg
+from ._args import SEED_MAX, float_arg, int_arg, iter_batches
 
 NORMS = ("linf", "l2")
 LINF_EPS, LINF_ALPHA = 8 / 255, 2 / 255  # the CIFAR-10 L-inf threat model (Madry et al.)
@@ -178,10 +178,12 @@ def robust_accuracy(model: nn.Module, data: Iterable, eps: float | None = None,
     seed = int_arg("seed", seed, 0, SEED_MAX)
     gen = torch.Generator().manual_seed(seed)
     correct = total = 0
-    for x, y in as_batches(data):
+    for x, y in iter_batches(data):
         x_adv = pgd_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                            random_start=random_start, generator=gen, **kwargs)
         with _attack_mode(model, train_mode=False):
             correct += int((model(x_adv).argmax(1) == y).sum())
         total += len(y)
-    return 100.0 * correct / max(total, 1)
+    if total == 0:
+        raise ValueError("Invalid data: no samples")
+    return 100.0 * correct / total

@@ -94,6 +94,22 @@ def test_bad_data_names_data_and_says_what_to_pass(data, error, words):
         assert words in str(info.value)
 
 
+def test_robust_accuracy_streams_its_batches_and_refuses_none():
+    model, forwards = classifier(), []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+
+    def batches():
+        for seed in range(3):
+            before = len(forwards)
+            yield images(seed=seed)
+            assert len(forwards) > before, "the next batch was drawn before this one was used"
+    streamed = samfast.robust_accuracy(model, batches(), steps=1)
+    assert streamed == samfast.robust_accuracy(model, [images(seed=s) for s in range(3)],
+                                               steps=1)
+    with pytest.raises(ValueError, match="data"):
+        samfast.robust_accuracy(model, [], steps=1)
+
+
 # ----------------------------------------------------------------------------------------
 # PGD: L2 needs its own radius
 # ----------------------------------------------------------------------------------------
