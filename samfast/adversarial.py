@@ -8,7 +8,9 @@ from the current point x' of the clean input x with gradient g = d loss / d x':
     L2:     x' <- clip_box( x + project_eps( x' + alpha * g / ||g|| - x ) ),
             project_eps(d) = d * min(1, eps / ||d||)        (norms per example)
 
-after a random start (uniform in the L-inf ball; uniform in the L2 ball). With the box active,
+after a random start (uniform in the L-inf ball; uniform in the L2 ball). L-inf defaults to
+eps = 8/255, alpha = 2/255; L2 takes no default radius (8/255 would be a meaningless L2 ball),
+and its step defaults to eps / 4. With the box active,
 the L2 projection onto the ball followed by clipping to the box is the usual approximation of
 the projection onto their intersection (it stays inside both).
 
@@ -22,13 +24,18 @@ Triton kernel (``samfast.kernels.pgd``); elsewhere the PyTorch path below, which
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._args import SEED_MAX, float_arg, int_arg, iter_batches
+
 NORMS = ("linf", "l2")
+LINF_EPS, LINF_ALPHA = 8 / 255, 2 / 255  # the CIFAR-10 L-inf threat model (Madry et al.)
+L2_ALPHA_FRACTION = 0.25
 
 
 def _per_example_norm(t: Tensor) -> Tensor:
@@ -86,8 +93,41 @@ def _step_fn(x: Tensor, use_kernel: bool | None):
     return pgd_step_reference
 
 
-def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
-               alpha: float = 2 / 255, steps: int = 10, norm: str = "linf",
+def _radius_and_step(norm: str, eps, alpha) -> tuple[float, float]:
+    """eps and alpha checked, with their defaults: 8/255 and 2/255 for L-inf; L2 has no
+    default radius, and its step defaults to eps / 4, the step / radius ratio of the L-inf
+    defaults. A fraction of eps rather than a rule in ``steps`` (2.5 * eps / steps, Madry et
+    al.) keeps the step size independent of the number of steps; at the default 10 steps
+    the two agree (10 steps cover 2.5 eps)."""
+    if norm not in NORMS:
+        raise ValueError(f"Invalid norm: {norm!r} (choose from {', '.join(NORMS)})")
+    if eps is None:
+        if norm == "l2":
+            raise ValueError("Invalid eps: None; norm='l2' needs its own radius (the L-inf "
+                             "default 8/255 would be an L2 ball of radius 0.03; 0.5 is the "
+                             "usual CIFAR-10 L2 radius)")
+        eps = LINF_EPS
+    eps = float_arg("eps", eps)
+    if alpha is None:
+        alpha = LINF_ALPHA if norm == "linf" else L2_ALPHA_FRACTION * eps
+    return eps, float_arg("alpha", alpha)
+
+
+def _box(clamp) -> tuple[float, float]:
+    if clamp is None:
+        return float("-inf"), float("inf")
+    try:
+        lo, hi = clamp
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid clamp: {clamp!r} (a (low, high) pair or None)") from None
+    if not all(isinstance(b, numbers.Real) and not isinstance(b, bool) for b in (lo, hi)) \
+            or not float(lo) < float(hi):
+        raise ValueError(f"Invalid clamp: {clamp!r} (need numbers low < high)")
+    return float(lo), float(hi)
+
+
+def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float | None = None,
+               alpha: float | None = None, steps: int = 10, norm: str = "linf",
                random_start: bool = True, loss_fn: Callable | None = None,
                clamp: tuple[float, float] | None = (0.0, 1.0), train_mode: bool = False,
                generator: torch.Generator | None = None,
@@ -95,24 +135,23 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
     """PGD-``steps`` adversarial examples for (x, y); returns a detached tensor.
 
     Args:
-        eps, alpha: radius and step size, in the units of x (pixels in [0, 1]).
+        eps: radius, in the units of x (pixels in [0, 1]). L-inf: 8/255 by default. L2: no
+            default, it must be given (0.5 is the usual CIFAR-10 L2 radius).
+        alpha: step size; by default 2/255 for L-inf and eps / 4 for L2.
+        steps: PGD steps (0: the random start only).
         norm: "linf" or "l2".
         loss_fn: maximized loss, ``loss_fn(logits, y)`` (default cross-entropy).
         clamp: the valid box (default [0, 1]); None for no box.
         train_mode: run the model in train mode (BatchNorm buffers are restored after).
         generator: for the random start (CPU generator; default: torch's global one).
         use_kernel: the fused Triton step (default: on CUDA tensors).
+
+    Integer arguments take any integer type (``np.int64``), float arguments any real number;
+    a bad argument raises ValueError naming it.
     """
-    if norm not in NORMS:
-        raise ValueError(f"Invalid norm: {norm!r} (choose from {', '.join(NORMS)})")
-    for name, value in (("eps", eps), ("alpha", alpha)):
-        if not value >= 0:
-            raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"Invalid steps: {steps!r} (must be an int >= 0)")
-    lo, hi = clamp if clamp is not None else (float("-inf"), float("inf"))
-    if not lo < hi:
-        raise ValueError(f"Invalid clamp: {clamp} (need low < high)")
+    eps, alpha = _radius_and_step(norm, eps, alpha)
+    steps = int_arg("steps", steps, 0)
+    lo, hi = _box(clamp)
     loss_fn = loss_fn or F.cross_entropy
     step = _step_fn(x, use_kernel)
     x = x.detach()
@@ -128,16 +167,23 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float = 8 / 255,
 
 
 @torch.no_grad()
-def robust_accuracy(model: nn.Module, data: Iterable, eps: float = 8 / 255,
-                    alpha: float = 2 / 255, steps: int = 20, norm: str = "linf",
+def robust_accuracy(model: nn.Module, data: Iterable, eps: float | None = None,
+                    alpha: float | None = None, steps: int = 20, norm: str = "linf",
                     random_start: bool = True, seed: int = 0, **kwargs) -> float:
-    """Accuracy (%) under PGD-``steps`` over ``data`` (an iterable of (x, y) batches)."""
+    """Accuracy (%) under PGD-``steps`` over ``data``: one (x, y) batch or an iterable of
+    them. ``eps``, ``alpha`` (and their defaults) and the other arguments as in
+    :func:`pgd_attack`."""
+    eps, alpha = _radius_and_step(norm, eps, alpha)
+    steps = int_arg("steps", steps, 0)
+    seed = int_arg("seed", seed, 0, SEED_MAX)
     gen = torch.Generator().manual_seed(seed)
     correct = total = 0
-    for x, y in data:
+    for x, y in iter_batches(data):
         x_adv = pgd_attack(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm,
                            random_start=random_start, generator=gen, **kwargs)
         with _attack_mode(model, train_mode=False):
             correct += int((model(x_adv).argmax(1) == y).sum())
         total += len(y)
-    return 100.0 * correct / max(total, 1)
+    if total == 0:
+        raise ValueError("Invalid data: no samples")
+    return 100.0 * correct / total

@@ -20,8 +20,17 @@ development CPU, ResNet-20, 2 x 256 images, one product relative to one forward 
 
 The Lanczos bookkeeping (basis, tridiagonal matrix,
 Ritz values) is float64 with full reorthogonalization, so a run of m iterations returns the
-extreme eigenvalues of H restricted to the m-dimensional Krylov space; memory is that basis,
-m x num_params float64 numbers (``basis_device="cpu"`` keeps it off the GPU).
+extreme eigenvalues of H restricted to the m-dimensional Krylov space. Its memory is one
+buffer of (max_iter + 1) x num_params float64 numbers, allocated before the first product
+(``basis_device="cpu"`` keeps it off the GPU). The recurrence gives the residual of every
+Ritz pair for free; an eigenvalue has converged when its residual, which bounds its error, is
+within ``tol`` of it (relative), the criterion of ARPACK and SLEPc. A change per iteration
+below ``tol`` (PyHessian's rule) bounds nothing: converging geometrically at rate rho, a value
+is still rho / (1 - rho) times its last change away, more than that change once rho > 1/2 (a
+small gap to the next eigenvalue). Eigenvalues that did not converge within ``max_iter`` are
+flagged in :class:`SharpnessInfo`.
+
+``data`` is one ``(inputs, targets)`` batch or an iterable of them (see ``_args.as_batches``).
 
 The model is left exactly as it was: its train/eval mode (per module), its ``.grad``s (the
 products use ``torch.autograd.grad``) and its BatchNorm buffers. BatchNorm runs in eval mode
@@ -39,18 +48,30 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ._args import SEED_MAX, as_batches, float_arg, int_arg
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
 class SharpnessInfo:
-    """How a run went: Hessian-vector products used, and the Ritz values per iteration."""
+    """How a run went: Hessian-vector products used, the top Ritz values per iteration, and
+    for each returned eigenvalue (largest first) how far it can be trusted.
+
+    ``residuals[i]`` is ||H y - theta y|| for the returned pair (theta, y), ||y|| = 1: H has
+    an eigenvalue within that distance of theta (a bound, for any symmetric H; the error is
+    usually far smaller, about residual^2 / the gap to the next eigenvalue).
+    ``eigenvalue_converged[i]`` is ``residuals[i] <= tol * |theta|``, and ``converged`` is
+    True when all of them are.
+    """
 
     method: str
     hvps: int = 0
     iterations: int = 0
     converged: bool = False
     history: list = field(default_factory=list)
+    residuals: list = field(default_factory=list)
+    eigenvalue_converged: list = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -107,10 +128,10 @@ class _HessianOperator:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("Invalid model: it has no parameter with requires_grad")
-        self.batches = list(data)
-        if not self.batches:
-            raise ValueError("Invalid data: no batches")
+        self.batches = as_batches(data)
         self.total = sum(len(y) for _, y in self.batches)
+        if self.total == 0:
+            raise ValueError("Invalid data: the batches hold no samples")
         self.numel = sum(p.numel() for p in self.params)
         self.device = device or self.params[0].device
         self.calls = 0
@@ -207,62 +228,70 @@ def _lanczos(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int,
     max_iter = min(max_iter, n)
     info = SharpnessInfo("lanczos")
     dev = torch.device(basis_device) if basis_device is not None else op.device
-    basis = [_start_vector(n, seed, dev)]
+    # The whole basis is one buffer, allocated before the first product: row j is the j-th
+    # Lanczos vector and row j + 1 is where the next one is built, so an iteration copies
+    # nothing and the memory is known (and an out-of-memory error comes) up front.
+    basis = torch.empty(max_iter + 1, n, dtype=torch.float64, device=dev)
+    basis[0] = _start_vector(n, seed, dev)
     alphas: list[float] = []
     betas: list[float] = []
-    previous = None
-    ritz = evecs = None
     for j in range(max_iter):
-        w = op(basis[j].to(op.device)).to(dev)
-        alpha = float(w @ basis[j])
+        q, w = basis[j], basis[j + 1]
+        w.copy_(op(q.to(op.device)))
+        alpha = float(w @ q)
         alphas.append(alpha)
-        w -= alpha * basis[j]
+        w.add_(q, alpha=-alpha)
         if j > 0:
-            w -= betas[-1] * basis[j - 1]
-        V = torch.stack(basis)
+            w.add_(basis[j - 1], alpha=-betas[-1])
+        V = basis[:j + 1]
         for _ in range(2):  # full reorthogonalization, twice is enough ("twice is enough")
-            w -= V.T @ (V @ w)
+            w.addmv_(V.T, V @ w, alpha=-1)
+        beta = float(w.norm())
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
             off = torch.tensor(betas, dtype=torch.float64)
             t += torch.diag(off, 1) + torch.diag(off, -1)
         ritz, evecs = torch.linalg.eigh(t)
+        # H y - theta y = beta * s_last * q_next for the Ritz pair (theta, y = V s)
+        residuals = beta * evecs[-1].abs()
         top = ritz.flip(0)[:k]
         info.history.append(top.tolist())
         info.iterations = j + 1
-        if previous is not None and len(top) == k and len(previous) == k:
-            change = ((top - previous).abs() / top.abs().clamp_min(1e-30)).max()
-            if float(change) < tol:
-                info.converged = True
-                break
-        previous = top
-        beta = float(w.norm())
+        order = torch.argsort(ritz, descending=True)[:k]
+        converged = residuals[order] <= tol * ritz[order].abs()
         scale = max(abs(a) for a in alphas) or 1.0
         if beta <= 1e-12 * scale * math.sqrt(n):  # invariant subspace: T is exact
-            info.converged = True
+            converged[:] = True
             break
-        if j + 1 < max_iter:
-            betas.append(beta)
-            basis.append(w / beta)
+        if len(order) == k and bool(converged.all()):
+            break
+        betas.append(beta)
+        w /= beta
     info.hvps = op.calls
-    order = torch.argsort(ritz, descending=True)[:k]
+    info.residuals = residuals[order].tolist()
+    info.eigenvalue_converged = converged.tolist()
+    info.converged = bool(converged.all())
     values = ritz[order].cpu()
     vectors = None
     if want_vectors:
-        V = torch.stack(basis[:len(alphas)])
+        V = basis[:len(alphas)]
         vectors = [(V.T @ evecs[:, i].to(V.device)) for i in order]
     return values, vectors, info
 
 
 def _power(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int):
     """PyHessian's method: power iteration per eigenvalue, deflated by Gram-Schmidt against
-    the eigenvectors already found. Converges to the eigenvalues of largest *magnitude*."""
+    the eigenvectors already found. Converges to the eigenvalues of largest *magnitude*.
+    Each eigenvalue stops at a relative change below ``tol`` (PyHessian's rule), which is
+    often before its residual is within ``tol`` of it, so it may be flagged unconverged."""
     info = SharpnessInfo("power")
     found: list[Tensor] = []
     values: list[float] = []
+    residuals: list[float] = []
+    converged: list[bool] = []
     for i in range(k):
         v = _start_vector(op.numel, seed + i, op.device)
-        eig = None
+        eig = residual = None
         for _ in range(max_iter):
             for u in found:
                 v = v - (v @ u) * u
@@ -270,19 +299,24 @@ def _power(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int):
             hv = op(v)
             new = float(hv @ v)
             info.history.append(new)
-            if eig is not None and abs(new - eig) / max(abs(new), 1e-30) < tol:
-                eig = new
-                info.converged = True
-                break
+            residual = float((hv - new * v).norm())
+            stop = eig is not None and abs(new - eig) / max(abs(new), 1e-30) < tol
             eig = new
+            if stop:
+                break
             v = hv
         for u in found:
             v = v - (v @ u) * u
         found.append(v / v.norm())
         values.append(eig)
+        residuals.append(residual)
+        converged.append(residual <= tol * abs(eig))
         info.iterations += 1
     info.hvps = op.calls
     order = sorted(range(k), key=lambda i: -values[i])
+    info.residuals = [residuals[i] for i in order]
+    info.eigenvalue_converged = [converged[i] for i in order]
+    info.converged = all(converged)
     return (torch.tensor([values[i] for i in order], dtype=torch.float64),
             [found[i] for i in order], info)
 
@@ -296,30 +330,40 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
     largest first, as a float64 CPU tensor.
 
     Args:
+        data: one batch ``(inputs, targets)`` (a tuple or list of exactly two tensors with
+            the same first dimension, as PyHessian takes it) or an iterable of such batches.
         method: "lanczos" (default) or "power" (power iteration with deflation, as PyHessian;
             it finds the largest-magnitude eigenvalues, which differ when H has large negative
             ones).
         max_iter: Lanczos iterations (each one Hessian-vector product), or power iterations
-            per eigenvalue.
-        tol: stop when the top-k values change by less than ``tol`` (relative) per iteration.
+            per eigenvalue. Lanczos allocates its basis for all of them up front:
+            ``(max(max_iter, k) + 1) x num_params`` float64 numbers on ``basis_device``.
+        tol: relative accuracy: an eigenvalue theta has converged when the residual of its
+            eigenpair is at most ``tol * |theta|`` (so its error is too); Lanczos stops when
+            all ``k`` have. Power iteration stops each eigenvalue by PyHessian's rule (a
+            relative change below ``tol`` in one iteration), and flags it by the residual.
+        seed: the start vector's (an int in [0, 2**63)).
         return_eigenvectors: False, True / "flat" (flat float64 vectors), or "params"
             (per-parameter tensors in the params' dtype).
         bn_mode: "eval" (default) or "train" (batch statistics; buffers are restored).
         basis_device: where the Lanczos basis lives (e.g. "cpu" for big models on a GPU).
-        return_info: also return a :class:`SharpnessInfo` (iterations, products used).
+        return_info: also return a :class:`SharpnessInfo`: iterations, products used, and per
+            eigenvalue its residual and whether it converged. Without it, an eigenvalue that
+            did not converge within ``max_iter`` is returned all the same.
         cache_graph: keep each batch's gradient graph between products (True), rebuild it
             for every product (False: memory of one batch only), or decide from its size
             ("auto", the default: keep when all batches' graphs fit in a quarter of the free
             memory of the device).
+
+    Integer arguments take any integer type (``np.int64``), ``tol`` any real number; a bad
+    argument raises ValueError naming it, bad ``data`` TypeError or ValueError.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"Invalid k: {k!r} (must be an int >= 1)")
+    k = int_arg("k", k, 1)
     if method not in ("lanczos", "power"):
         raise ValueError(f"Invalid method: {method!r} (choose 'lanczos' or 'power')")
-    if max_iter < 1:
-        raise ValueError(f"Invalid max_iter: {max_iter} (must be >= 1)")
-    if not tol > 0:
-        raise ValueError(f"Invalid tol: {tol} (must be > 0)")
+    max_iter = int_arg("max_iter", max_iter, 1)
+    tol = float_arg("tol", tol, strict=True)
+    seed = int_arg("seed", seed, 0, SEED_MAX)
     if return_eigenvectors not in (False, True, "flat", "params"):
         raise ValueError(f"Invalid return_eigenvectors: {return_eigenvectors!r}")
     with _measurement_mode(model, bn_mode):
@@ -349,9 +393,9 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_samples: 
                   cache_graph: bool | str = "auto"):
     """Hutchinson's estimate of tr(H): the mean of v^T H v over ``n_samples`` Rademacher
     vectors v (unbiased; with ``return_std`` also the standard error of the mean).
-    ``cache_graph`` as in :func:`hessian_eigenvalues`."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"Invalid n_samples: {n_samples!r} (must be an int >= 1)")
+    ``data``, ``cache_graph`` and the argument checks as in :func:`hessian_eigenvalues`."""
+    n_samples = int_arg("n_samples", n_samples, 1)
+    seed = int_arg("seed", seed, 0, SEED_MAX)
     gen = torch.Generator().manual_seed(seed)
     with _measurement_mode(model, bn_mode):
         op = _HessianOperator(model, loss_fn, data, cache_graph=cache_graph)

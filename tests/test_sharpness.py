@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import samfast
 
@@ -226,3 +228,79 @@ def test_cached_graphs_give_the_same_products_as_rebuilt_ones(monkeypatch):
         assert torch.equal(auto(vs[1]), cached(vs[1])) and auto.graphs is None
     with pytest.raises(ValueError, match="cache_graph"):
         samfast.hessian_eigenvalues(model, F.cross_entropy, batches, cache_graph="yes")
+
+
+class _DiagonalOperator:
+    """H = diag(d), the interface _lanczos uses: a cheap stand-in for Hessian products."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d, self.numel, self.device, self.calls = d, len(d), d.device, 0
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.d * v
+
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of every tensor storage an op creates (views and in-place results excluded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self.nbytes += [t.untyped_storage().nbytes() for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor)
+                        and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_lanczos_basis_is_one_buffer_allocated_once():
+    """Re-stacking the basis every iteration copies it m times (m^2 / 2 vectors) and holds
+    it twice; the basis must be one (max_iter + 1) x n buffer and every other allocation at
+    most one vector."""
+    from samfast.sharpness import _lanczos
+    n, max_iter = 3000, 40
+    d = torch.linspace(0.0, 1.0, n, dtype=torch.float64)  # dense: no early stop
+    with _Allocations() as allocations:
+        values, _, info = _lanczos(_DiagonalOperator(d), 2, max_iter, 1e-14, 0, None, False)
+    assert info.iterations == max_iter and not info.converged
+    vector = n * 8
+    big = [b for b in allocations.nbytes if b > vector]
+    assert big == [(max_iter + 1) * vector]
+    assert sum(allocations.nbytes) < (max_iter + 1) * vector + 12 * max_iter * vector
+    assert 0.99 < float(values[0]) <= 1.0 + 1e-12  # Ritz values lie inside the spectrum
+
+
+def test_residuals_bound_the_error_and_flag_convergence():
+    """For every returned eigenvalue, the exact spectrum has a point within its residual;
+    an eigenvalue flagged converged is within tol of it, and stopping early leaves the
+    others flagged."""
+    lam = torch.cat([torch.tensor([10.0, 9.0], dtype=torch.float64),
+                     torch.linspace(-2, 8, 70, dtype=torch.float64)])
+    model = Quadratic(lam, seed=7)
+    data = [(torch.zeros(1), torch.zeros(1))]
+    for max_iter, tol in ((3, 1e-6), (8, 1e-6), (40, 1e-6), (40, 1e-3)):
+        eigs, info = samfast.hessian_eigenvalues(model, value_loss, data, k=2,
+                                                 max_iter=max_iter, tol=tol, return_info=True)
+        assert len(info.residuals) == len(info.eigenvalue_converged) == 2
+        for value, residual, ok in zip(eigs.tolist(), info.residuals,
+                                       info.eigenvalue_converged):
+            error = float((lam - value).abs().min())
+            assert error <= residual * (1 + 1e-9) + 1e-12
+            assert ok == (residual <= tol * abs(value))
+            if ok:
+                assert error <= tol * abs(value)
+        assert info.converged == all(info.eigenvalue_converged)
+        assert info.converged == (info.iterations < max_iter)
+        if max_iter == 3:
+            assert not any(info.eigenvalue_converged)
+        if max_iter == 40:
+            assert info.converged
+            torch.testing.assert_close(eigs, lam[:2], rtol=tol, atol=0)
+    _, p_info = samfast.hessian_eigenvalues(model, value_loss, data, k=1, method="power",
+                                            max_iter=2, tol=1e-6, return_info=True)
+    assert p_info.eigenvalue_converged == [False] and not p_info.converged
