@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -327,8 +328,50 @@ TORCH_LIBRARY_IMPL(samfast, CPU, m) {
 
 }  // namespace samfast
 
+// Defined by csrc/cuda/build_info.cu in a CUDA build; absent (null) in a CPU-only one.
+extern "C" const char* samfast_cuda_arch_list() __attribute__((weak));
+extern "C" int samfast_cuda_runtime_version() __attribute__((weak));
+
+namespace {
+
+const char* isa_name(samfast::Isa isa) {
+  return isa == samfast::Isa::kAvx512 ? "avx512" : isa == samfast::Isa::kAvx2 ? "avx2" : "base";
+}
+
+// samfast._C.build_info(): how this extension was built and what it picked at run time.
+PyObject* build_info(PyObject*, PyObject*) {
+  PyObject* info = PyDict_New();
+  auto set = [&](const char* key, PyObject* value) {
+    PyDict_SetItemString(info, key, value);
+    Py_DECREF(value);
+  };
+  set("cpu_isa", PyUnicode_FromString(isa_name(samfast::cpu_isa())));
+#if defined(__x86_64__) && defined(__GNUC__)
+  set("cpu_isas_built", PyUnicode_FromString("base (SSE2), avx2, avx512"));
+#else
+  set("cpu_isas_built", PyUnicode_FromString("base"));
+#endif
+  set("compiler", PyUnicode_FromString(__VERSION__));
+  set("torch", PyUnicode_FromFormat("%d.%d.%d", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR,
+                                    TORCH_VERSION_PATCH));
+  if (samfast_cuda_arch_list != nullptr) {
+    set("cuda_archs", PyUnicode_FromString(samfast_cuda_arch_list()));
+    set("cuda_runtime", PyLong_FromLong(samfast_cuda_runtime_version()));
+  } else {
+    Py_INCREF(Py_None);
+    set("cuda_archs", Py_None);
+  }
+  return info;
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How samfast._C was built (doctor)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import samfast._C` loads this library, whose static initializers register the ops above.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

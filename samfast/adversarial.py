@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -85,12 +86,36 @@ def _attack_mode(model: nn.Module, train_mode: bool):
 
 
 def _step_fn(x: Tensor, use_kernel: bool | None):
+    """The fused Triton step (``torch.ops.samfast_triton.pgd_step``) or the reference. By
+    default the kernel is used on CUDA once it has matched the reference on this device (a
+    check run once per process; a failure warns and keeps the reference)."""
     if use_kernel is None:
-        use_kernel = x.is_cuda
+        use_kernel = x.is_cuda and _pgd_kernel_checked(x.device)
     if use_kernel:
-        from .kernels import pgd
-        return pgd.pgd_step
+        from .backends import triton_backend
+        return triton_backend.ops().pgd_step
     return pgd_step_reference
+
+
+_PGD_CHECKED: dict[str, bool] = {}
+
+
+def _pgd_kernel_checked(device: torch.device) -> bool:
+    key = str(device)
+    if key not in _PGD_CHECKED:
+        from .backends import triton_backend
+        reason = triton_backend.unavailable_reason(device)
+        if reason is None:
+            from .selfcheck import check_pgd
+            bad = [c for c in check_pgd(triton_backend.ops(), device) if not c.ok]
+            reason = "; ".join(f"{c.case}: max error {c.max_error:.3g} ulp {c.detail}"
+                               for c in bad) or None
+            if reason is not None:
+                warnings.warn(f"samfast: the fused PGD step does not match the reference on "
+                              f"{device} ({reason}); using the PyTorch step", RuntimeWarning,
+                              stacklevel=4)
+        _PGD_CHECKED[key] = reason is None
+    return _PGD_CHECKED[key]
 
 
 def _radius_and_step(norm: str, eps, alpha) -> tuple[float, float]:
