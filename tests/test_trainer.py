@@ -153,6 +153,23 @@ def test_augmentation_keeps_labels_and_shapes_and_only_shifts_and_flips():
     assert all(int((c == 0).all(0).sum()) >= 16 for c in cut)  # a zeroed hole in every image
 
 
+def test_augmentation_modes_flip_only_or_leave_the_images_alone():
+    train, _ = load_cifar(str(DEMO_DATA))
+    x = train.x[:32]
+    assert torch.equal(augment(x, epoch_generator(0, 0), mode="none"), x)
+    flipped = augment(x, epoch_generator(0, 0), mode="flip")
+    same = [torch.equal(a, b) for a, b in zip(flipped, x)]
+    mirrored = [torch.equal(a, b.flip(2)) for a, b in zip(flipped, x)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and any(same)
+    # cutout still applies on its own
+    assert all(int((c == 0).all(0).sum()) >= 16
+               for c in augment(x, epoch_generator(1, 0), cutout=8, mode="none"))
+    split = Split(x, train.y[:32])
+    batches = list(train_batches(split, 32, epoch_generator(0, 0), augmentation="none"))
+    order = torch.randperm(32, generator=epoch_generator(0, 0))
+    assert torch.equal(batches[0][0], x[order].float() / 255)
+
+
 # -- the trainer -----------------------------------------------------------------------------
 
 def test_sam_switch_happens_at_the_right_epoch_and_doubles_passes(tmp_path, monkeypatch):
