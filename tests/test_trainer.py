@@ -398,8 +398,8 @@ def test_fp16_amp_with_sam_trains(tmp_path):
 
 def _rows(path: Path) -> list[dict]:
     """metrics.jsonl without the epoch times and the inherited mark."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time_s", "inherited")}
-            for line in path.read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items()
+             if k not in ("epoch_time_s", "inherited")} for line in path.read_text().splitlines()]
 
 
 def _assert_same_state(a: Path, b: Path) -> None:
@@ -426,8 +426,9 @@ def test_a_fork_of_the_sgd_run_at_k_is_the_switch_run_bit_for_bit(tmp_path):
         "--fork-from", str(tmp_path / "sgd"), "--fork-epoch", k)))
     _assert_same_state(tmp_path / "sgd" / "epoch_2.pt", tmp_path / "switch" / "epoch_2.pt")
     _assert_same_state(tmp_path / "fork" / "last.pt", tmp_path / "switch" / "last.pt")
-    assert _rows(tmp_path / "fork" / "metrics.jsonl") == _rows(tmp_path / "switch" / "metrics.jsonl")
-    rows = [json.loads(line) for line in (tmp_path / "fork" / "metrics.jsonl").read_text().splitlines()]
+    fork_metrics = tmp_path / "fork" / "metrics.jsonl"
+    assert _rows(fork_metrics) == _rows(tmp_path / "switch" / "metrics.jsonl")
+    rows = [json.loads(line) for line in fork_metrics.read_text().splitlines()]
     assert [r.get("inherited", False) for r in rows] == [True, True, False]
     assert summary["fork"] == {"from": str(tmp_path / "sgd" / "epoch_2.pt"), "epoch": 2}
     assert summary["sam_epochs"] == 1
@@ -437,5 +438,6 @@ def test_a_fork_of_the_sgd_run_at_k_is_the_switch_run_bit_for_bit(tmp_path):
     trainer.run(trainer.parse_config(tiny_args(
         tmp_path / "asam", *common, "--optimizer", "asam", "--sam-start", k,
         "--fork-from", str(tmp_path / "sgd" / "epoch_2.pt"))))
-    group = torch.load(tmp_path / "asam" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    asam = torch.load(tmp_path / "asam" / "last.pt", weights_only=True)
+    group = asam["optimizer"]["param_groups"][0]
     assert group["rho"] == 2.0 and group["adaptive"] is True

@@ -442,7 +442,7 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any], old_cfg: RunConfi
         if name == "data":
             what = ", ".join(f"{part} {_short(old, part)} -> {_short(new, part)}"
                              for part in ("train", "test")
-                             if (old.get("data") or {}).get(part) != (new.get("data") or {}).get(part))
+                             if _short(old, part, 64) != _short(new, part, 64))
             where = ("" if old_cfg.data_dir == new_cfg.data_dir
                      else f"--data-dir {old_cfg.data_dir} -> {new_cfg.data_dir}, ")
             changes.append(f"the data used ({where}sha256 of the arrays after subsetting: "
@@ -454,9 +454,9 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any], old_cfg: RunConfi
     return changes
 
 
-def _short(identity: dict, part: str) -> str:
+def _short(identity: dict, part: str, length: int = 12) -> str:
     digest = (identity.get("data") or {}).get(part)
-    return "(not recorded)" if digest is None else digest[:12]
+    return "(not recorded)" if digest is None else digest[:length]
 
 
 def fork_problems(source: dict[str, Any], new: dict[str, Any], source_cfg: RunConfig,
