@@ -9,10 +9,17 @@ as the late phase), ``adversarial`` (standard vs full PGD-AT vs late AT). Scales
 subset), ``full`` (the paper's settings as far as they are public; a GPU, or several with
 ``--torchrun N``).
 
-Every run is a ``samfast-train`` run in ``OUT/EXPERIMENT/RUN/seedK``; finished runs (with a
-``summary.json``) are skipped, so an interrupted grid resumes where it stopped. The results
-are a markdown table (mean +- std over seeds) and figures. Every setting and its source is in
-:data:`SETTINGS`, written next to the results as ``settings.json``.
+Every run is a ``samfast-train`` run in ``OUT/SCALE/EXPERIMENT/RUN/seedK``, identified by its
+full configuration (samfast.cifar.config.run_identity: every trainer setting that affects the
+result, the fingerprint of the data it used, its number of processes), which its
+``summary.json`` and checkpoint record. Before any training, each run directory is checked: a
+finished run of the same configuration is skipped, an interrupted one resumed, and the same
+run finished in another experiment of the scale is copied; a directory holding a run of
+another configuration (other data, other settings) is an error that lists the differences,
+so a grid is never rerun over, mixed with or reported from runs of other settings: give
+another ``--out``, or remove them. The results are a markdown table (mean +- std over seeds)
+and figures. Every setting, trainer and grid, with its source is written next to the results
+as ``settings.json``; :data:`SETTINGS` holds those the scales choose.
 """
 
 from __future__ import annotations
@@ -24,11 +31,20 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
+
+from samfast.cifar import config
 
 # Each value: (value, source). "paper" = Zhou et al. 2025 text; "code" = the released code
 # (zzp1012/SAM-in-Late-Phase) defaults as described in the issue; "choice" = ours, where the
-# sources leave it open.
+# sources leave it open. Keys that name a samfast-train setting (RunConfig field) are passed to
+# every run of the scale; the others (GRID_KEYS) shape the grid.
+_RHO = {
+    "rho": (0.05, "code default for SAM"),
+    "rho_asam": (2.0, "code default (davda54-style ASAM)"),
+    "rho_usam": (0.05, "choice: the sources leave it open"),
+}
 SETTINGS = {
     "full": {
         "model": ("wrn16_8", "paper, Figure 1 (WideResNet-16-8 on CIFAR-10)"),
@@ -41,61 +57,78 @@ SETTINGS = {
         "label_smoothing": (0.1, "code default"),
         "lr_schedule": ("step_wrn", "code: WRN step schedule x0.2 at 30/60/80%"),
         "cutout": (16, "code: cutout for WRN; size 16 is the usual CIFAR-10 choice (choice)"),
-        "rho": (0.05, "code default for SAM"),
-        "rho_asam": (2.0, "code default (davda54-style ASAM)"),
-        "rho_usam": (0.05, "choice: the sources leave it open"),
-        "sharpness": ("top-2 Hessian eigenvalues on the first 5,000 training images",
-                      "code; we use a fixed stratified 5,000"),
+        **_RHO,
+        "sharpness_every": (200, "choice: at the end of training"),
+        "sharpness_samples": (5000, "code: the first 5,000 training images; we use a fixed "
+                                    "stratified 5,000"),
+        "sharpness_k": (2, "code: top-2 Hessian eigenvalues"),
+        "sharpness_iters": (40, "choice"),
+        "adv_steps": (10, "choice: the standard CIFAR-10 AT recipe (Madry et al.), PGD-10"),
+        "eval_pgd_steps": (20, "choice: PGD-20 evaluation, as usual for CIFAR-10"),
+        "eval_robust_samples": (500, "choice"),
         "seeds": (5, "paper, Figure 1 (five seeds)"),
-        "adversarial": ("PGD-10 L-inf 8/255, step 2/255, eval PGD-20", "choice: the standard "
-                        "CIFAR-10 AT recipe (Madry et al.)"),
     },
     "small": {
         "model": ("small_cnn", "choice: trains on this CPU"),
-        "train_subset": (10000, "choice"), "epochs": (20, "choice"),
-        "late_switch_epoch": (15, "choice: SAM for the last 25%"),
+        "train_subset": (10000, "choice"), "test_subset": (2000, "choice"),
+        "epochs": (20, "choice"), "late_switch_epoch": (15, "choice: SAM for the last 25%"),
         "batch_size": (128, "code default"), "lr": (0.05, "choice"),
-        "lr_schedule": ("cosine", "choice: short runs"), "seeds": (2, "choice"),
+        "lr_schedule": ("cosine", "choice: short runs"), **_RHO,
+        "sharpness_every": (20, "choice: at the end of training"),
+        "sharpness_samples": (1024, "choice"), "sharpness_k": (2, "code: top-2"),
+        "sharpness_iters": (20, "choice"),
+        "adv_steps": (10, "choice: PGD-10 (Madry et al.)"),
+        "eval_pgd_steps": (20, "choice: PGD-20"), "eval_robust_samples": (500, "choice"),
+        "seeds": (2, "choice"),
     },
     "smoke": {
         "model": ("small_cnn", "choice"), "train_subset": (200, "choice"),
-        "epochs": (2, "choice"), "late_switch_epoch": (1, "choice"), "seeds": (1, "choice"),
+        "test_subset": (100, "choice"), "batch_size": (50, "choice"),
+        "epochs": (2, "choice"), "late_switch_epoch": (1, "choice"), **_RHO,
+        "sharpness_every": (2, "choice: at the end"), "sharpness_samples": (50, "choice"),
+        "sharpness_iters": (4, "choice"), "adv_steps": (2, "choice"),
+        "eval_pgd_steps": (3, "choice"), "eval_robust_samples": (20, "choice"),
+        "seeds": (1, "choice"),
     },
 }
+GRID_KEYS = ("late_switch_epoch", "rho_asam", "rho_usam", "seeds")
 EXPERIMENTS = ("late_switch", "switch_sweep", "early_sam", "variants", "adversarial")
 
 
-def _value(scale: str, key: str, default=None):
-    return SETTINGS[scale].get(key, (default, None))[0]
+def _value(scale: str, key: str):
+    return SETTINGS[scale][key][0]
 
 
 def base_args(scale: str, data_dir: str | None) -> list[str]:
-    s = SETTINGS[scale]
-    args = ["--model", s["model"][0], "--epochs", str(s["epochs"][0]),
-            "--batch-size", str(_value(scale, "batch_size", 128)), "--quiet"]
-    if scale == "full":
-        args += ["--lr", "0.1", "--momentum", "0.9", "--weight-decay", "5e-4",
-                 "--label-smoothing", "0.1", "--lr-schedule", "step_wrn", "--cutout", "16",
-                 "--sharpness-every", str(s["epochs"][0]), "--sharpness-samples", "5000",
-                 "--sharpness-k", "2", "--sharpness-iters", "40"]
-    elif scale == "small":
-        args += ["--lr", "0.05", "--lr-schedule", "cosine", "--train-subset", "10000",
-                 "--test-subset", "2000", "--sharpness-every", str(s["epochs"][0]),
-                 "--sharpness-samples", "1024", "--sharpness-k", "2", "--sharpness-iters", "20"]
-    else:
-        args += ["--train-subset", "200", "--test-subset", "100", "--batch-size", "50",
-                 "--sharpness-every", str(s["epochs"][0]), "--sharpness-samples", "50",
-                 "--sharpness-iters", "4"]
+    """The samfast-train flags every run of the scale shares."""
+    trainer_settings = {k: v for k, (v, _) in SETTINGS[scale].items() if k not in GRID_KEYS}
+    args = config.to_argv(trainer_settings) + ["--quiet"]
     if data_dir:
         args += ["--data-dir", data_dir]
     return args
 
 
+def settings_record(scale: str, data_dir: str | None) -> dict[str, dict]:
+    """settings.json: every trainer setting that affects the result (as a run of the scale
+    gets it) and every grid setting, each with its value and source."""
+    cfg = config.config_from_flags(base_args(scale, data_dir)).record()
+    chosen = SETTINGS[scale]
+    record = {}
+    for f in fields(config.RunConfig):
+        if config.affects(f.name) is config.Affects.NOTHING:
+            continue
+        source = (chosen[f.name][1] if f.name in chosen
+                  else config.source(f.name) or "samfast-train default")
+        record[f.name] = {"value": cfg[f.name], "source": source}
+    for key in GRID_KEYS:
+        record[key] = {"value": chosen[key][0], "source": chosen[key][1]}
+    return record
+
+
 def runs_of(experiment: str, scale: str) -> dict[str, list[str]]:
     """Run name -> extra trainer flags."""
-    epochs = SETTINGS[scale]["epochs"][0]
-    late = SETTINGS[scale]["late_switch_epoch"][0]
-    rho_asam = "2.0"
+    epochs = _value(scale, "epochs")
+    late = _value(scale, "late_switch_epoch")
     if experiment == "late_switch":
         return {"SGD": ["--optimizer", "sgd"], "SAM": ["--optimizer", "sam"],
                 f"SGD->SAM@{late}": ["--optimizer", "sam", "--sam-start", str(late)]}
@@ -108,28 +141,14 @@ def runs_of(experiment: str, scale: str) -> dict[str, list[str]]:
                 **{f"SAM->SGD@{t}": ["--optimizer", "sam", "--sam-end", str(t)] for t in ends}}
     if experiment == "variants":
         return {f"{name}{tag}": ["--optimizer", name.lower()] + rho + start
-                for name, rho in (("ASAM", ["--rho", rho_asam]), ("USAM", ["--rho", "0.05"]))
+                for name, rho in (("ASAM", ["--rho", str(_value(scale, "rho_asam"))]),
+                                  ("USAM", ["--rho", str(_value(scale, "rho_usam"))]))
                 for tag, start in (("", []), (f"@{late}", ["--sam-start", str(late)]))}
     if experiment == "adversarial":
-        common = ["--optimizer", "sgd", "--eval-robust-every", str(epochs),
-                  "--adv-steps", "10" if scale != "smoke" else "2",
-                  "--eval-pgd-steps", "20" if scale != "smoke" else "3",
-                  "--eval-robust-samples", "500" if scale != "smoke" else "20"]
+        common = ["--optimizer", "sgd", "--eval-robust-every", str(epochs)]
         return {"standard": common, "full AT": common + ["--adv-start", "0"],
                 f"AT@{late}": common + ["--adv-start", str(late)]}
     raise ValueError(f"Invalid experiment: {experiment!r} (choose from {', '.join(EXPERIMENTS)})")
-
-
-def _run_one(argv: list[str], torchrun: int, device: str | None) -> None:
-    if device:
-        argv = argv + ["--device", device]
-    if torchrun > 1:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", str(torchrun), "-m", "samfast.cifar.train", *argv],
-                       check=True)
-    else:
-        from samfast.cifar import train as trainer
-        trainer.run(trainer.parse_config(argv))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -177,32 +196,11 @@ def plot(root: Path, runs: dict, seeds: int, experiment: str) -> None:
     axes[1].set(xlabel="epoch", ylabel="top Hessian eigenvalue", title="sharpness")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # no sharpness measured: an empty panel
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "figure.png", dpi=110)
     plt.close(fig)
-
-
-# Trainer options that do not change what a run computes.
-_NOT_IN_KEY = ("out", "resume", "quiet")
-
-
-def _config_key(argv: list[str]) -> str:
-    """The run's full trainer configuration (defaults filled in) as canonical JSON: two runs
-    with equal keys are the same computation (e.g. ``SGD->SAM@0`` of the sweep and ``SAM``)."""
-    from samfast.cifar import train as trainer
-    cfg = trainer.parse_config(argv)
-    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in _NOT_IN_KEY},
-                      default=str)
-
-
-def _finished_runs(scale_root: Path) -> dict[str, Path]:
-    """config key -> run directory, for every finished run of every experiment of a scale."""
-    found = {}
-    for key_file in sorted(scale_root.glob("*/*/seed*/config_key.json")):
-        if (key_file.parent / "summary.json").exists():
-            found.setdefault(key_file.read_text(), key_file.parent)
-    return found
 
 
 # Cost of one epoch relative to an SGD epoch, measured on the development CPU (see README):
@@ -215,8 +213,7 @@ EPOCH_COST = {"sgd": 1.0, "sam": 2.0, "adversarial": 7.1}
 def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = None) -> str:
     """The grid's cost in SGD-epoch equivalents (and hours, given one SGD epoch's seconds on
     the target machine), per experiment and for all of them with shared runs counted once."""
-    from samfast.cifar import train as trainer
-    seeds = SETTINGS[scale]["seeds"][0]
+    seeds = _value(scale, "seeds")
     rows = ["| experiment | runs x seeds | SAM epochs | AT epochs | SGD-epoch equivalents | "
             "hours |", "|---|---|---|---|---|---|"]
     seen: dict[str, float] = {}
@@ -224,16 +221,16 @@ def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = No
         cost, sam, adv, runs = 0.0, 0, 0, runs_of(experiment, scale)
         for flags in runs.values():
             argv = base_args(scale, None) + flags
-            cfg = trainer.parse_config(argv)
-            sched = trainer.make_schedule(cfg)
-            epochs = cfg["epochs"]
+            cfg = config.config_from_flags(argv)
+            sched = cfg.schedule()
+            epochs = cfg.epochs
             n_sam, n_adv = sched.sam_epochs, sched.adversarial_epochs
             c = (epochs - n_sam - n_adv + (n_sam * EPOCH_COST["sam"])
                  + n_adv * EPOCH_COST["adversarial"])
             cost += c * seeds
             sam += n_sam * seeds
             adv += n_adv * seeds
-            seen[_config_key(argv)] = c * seeds
+            seen[config.run_key(config.run_identity(cfg, None, 1))] = c * seeds
         hours = f"{cost * sgd_epoch_s / 3600:.1f}" if sgd_epoch_s else "-"
         rows.append(f"| {experiment} | {len(runs)} x {seeds} | {sam} | {adv} | {cost:.0f} | "
                     f"{hours} |")
@@ -282,6 +279,117 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
+def _run_one(argv: list[str], torchrun: int) -> None:
+    if torchrun > 1:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", str(torchrun), "-m", "samfast.cifar.train", *argv],
+                       check=True)
+    else:
+        from samfast.cifar import train as trainer
+        trainer.run(trainer.parse_config(argv))
+
+
+class _Fingerprints:
+    """The fingerprint of the data each run would use (the trainer's), loading each data
+    directory once: a bad one is reported before any training."""
+
+    def __init__(self) -> None:
+        self._loaded: dict = {}
+        self._digests: dict = {}
+
+    def __call__(self, cfg: config.RunConfig) -> dict:
+        from samfast.cifar import train as trainer
+        from samfast.cifar.data import find_data_dir, load_cifar
+        where = (find_data_dir(cfg.data_dir), cfg.dataset)
+        subset = (where, cfg.train_subset, cfg.test_subset, cfg.seed)
+        if subset not in self._digests:
+            if where not in self._loaded:
+                self._loaded[where] = load_cifar(*where)
+            used = trainer.select_data(cfg, *self._loaded[where])
+            self._digests[subset] = trainer.data_fingerprint(*used)
+        return self._digests[subset]
+
+
+def _recorded(out: Path):
+    """(status, config, identity) of the run directory ``out``: "finished" (summary.json),
+    "interrupted" (last.pt only) or "new" (neither; config and identity None)."""
+    from samfast.cifar import train as trainer
+    summary, ckpt = out / "summary.json", out / "last.pt"
+    if summary.exists():
+        try:
+            record = json.loads(summary.read_text())
+        except (OSError, ValueError) as exc:
+            raise trainer.RunError(f"{summary}: not a readable samfast-train summary "
+                                   f"({type(exc).__name__}: {exc})") from exc
+        return ("finished", *trainer.recorded_identity(record, summary))
+    if ckpt.exists():
+        return ("interrupted", *trainer.recorded_identity(trainer.read_checkpoint(ckpt), ckpt))
+    return "new", None, None
+
+
+def _finished_elsewhere(scale_root: Path) -> dict[str, Path]:
+    """run key -> directory, for every finished run of every experiment of a scale."""
+    from samfast.cifar import train as trainer
+    found = {}
+    for summary in sorted(scale_root.glob("*/*/seed*/summary.json")):
+        try:
+            _, identity = trainer.recorded_identity(json.loads(summary.read_text()), summary)
+        except (OSError, ValueError, trainer.RunError):
+            continue  # not a run this grid can reuse
+        found.setdefault(config.run_key(identity), summary.parent)
+    return found
+
+
+def reproduce(args, data_dir: str | None, seeds: int) -> str:
+    """Plan every run, check every run directory, then train what is missing; the table."""
+    root = Path(args.out) / args.scale / args.experiment
+    runs = runs_of(args.experiment, args.scale)
+    extra = ["--device", args.device] if args.device else []
+    fingerprint = _Fingerprints()
+    plan, conflicts = [], []
+    for name, flags in runs.items():
+        for seed in range(seeds):
+            out = root / _slug(name) / f"seed{seed}"
+            argv = base_args(args.scale, data_dir) + flags + ["--seed", str(seed)] + extra
+            cfg = config.config_from_flags(argv)
+            identity = config.run_identity(cfg, fingerprint(cfg), args.torchrun)
+            status, old_cfg, old = _recorded(out)
+            if old is not None and old != identity:
+                conflicts.append(f"{out}: " + "; ".join(
+                    config.identity_changes(old, identity, old_cfg, cfg)))
+            plan.append((name, seed, out, argv, config.run_key(identity), status))
+    if conflicts:
+        from samfast.cifar.train import RunError
+        raise RunError(f"{len(conflicts)} run director{'y' if len(conflicts) == 1 else 'ies'} "
+                       f"under {root} hold runs of another configuration (give another --out, "
+                       f"or remove them); {conflicts[0]}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "settings.json").write_text(json.dumps(settings_record(args.scale, data_dir),
+                                                   indent=1))
+    finished = _finished_elsewhere(root.parent)
+    for name, seed, out, argv, key, status in plan:
+        if status == "finished":
+            print(f"skip {name} seed {seed}: done", file=sys.stderr)
+        elif key in finished and finished[key] != out:
+            # The same run finished in another experiment of this scale: copy it rather than
+            # train it again (out holds at most an interrupted run of the same configuration).
+            print(f"copy {name} seed {seed}: same run as {finished[key]}", file=sys.stderr)
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(finished[key], out)
+        else:
+            print(f"run  {name} seed {seed}", file=sys.stderr, flush=True)
+            _run_one(argv + ["--out", str(out), "--resume"], args.torchrun)
+            finished.setdefault(key, out)
+    table = summarize(root, runs, seeds)
+    (root / "results.md").write_text(f"# {args.experiment} ({args.scale}, {seeds} seeds)\n\n"
+                                     f"{table}\n")
+    plot(root, runs, seeds, args.experiment)
+    if args.experiment in ("switch_sweep", "early_sam"):
+        plot_vs_switch(root, runs, seeds, args.experiment)
+    return table
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="samfast-reproduce", description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", choices=EXPERIMENTS)
@@ -297,6 +405,13 @@ def main(argv=None) -> int:
     ap.add_argument("--sgd-epoch-seconds", type=float, default=None,
                     help="with --estimate: one SGD epoch's seconds on the target machine")
     args = ap.parse_args(argv)
+    for flag, value in (("--seeds", args.seeds), ("--torchrun", args.torchrun)):
+        if value is not None and value < 1:
+            ap.error(f"argument {flag}: must be >= 1, got {value}")
+    if args.sgd_epoch_seconds is not None and not (math.isfinite(args.sgd_epoch_seconds)
+                                                   and args.sgd_epoch_seconds > 0):
+        ap.error(f"argument --sgd-epoch-seconds: must be a number > 0, got "
+                 f"{args.sgd_epoch_seconds}")
     if args.estimate:
         print(estimate(args.scale, sgd_epoch_s=args.sgd_epoch_seconds))
         return 0
@@ -304,39 +419,14 @@ def main(argv=None) -> int:
     if data_dir is None and args.scale == "smoke":
         from samfast.cifar.demo import DEMO_DATA
         data_dir = str(DEMO_DATA)
-    seeds = args.seeds or SETTINGS[args.scale]["seeds"][0]
-    root = Path(args.out) / args.scale / args.experiment
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "settings.json").write_text(json.dumps(
-        {k: {"value": v, "source": src} for k, (v, src) in SETTINGS[args.scale].items()},
-        indent=1))
-    runs = runs_of(args.experiment, args.scale)
-    finished = _finished_runs(root.parent)
-    for name, flags in runs.items():
-        for seed in range(seeds):
-            out = root / _slug(name) / f"seed{seed}"
-            argv = base_args(args.scale, data_dir) + flags + ["--seed", str(seed)]
-            key = _config_key(argv + (["--device", args.device] if args.device else []))
-            if (out / "summary.json").exists():
-                print(f"skip {name} seed {seed}: done", file=sys.stderr)
-            elif key in finished:
-                # The same training run (same configuration) finished in another experiment
-                # of this scale: copy it rather than train it again.
-                print(f"copy {name} seed {seed}: same run as {finished[key]}", file=sys.stderr)
-                if out.exists():
-                    shutil.rmtree(out)
-                shutil.copytree(finished[key], out)
-            else:
-                print(f"run  {name} seed {seed}", file=sys.stderr, flush=True)
-                _run_one(argv + ["--out", str(out), "--resume"], args.torchrun, args.device)
-            (out / "config_key.json").write_text(key)
-            finished.setdefault(key, out)
-    table = summarize(root, runs, seeds)
-    (root / "results.md").write_text(f"# {args.experiment} ({args.scale}, {seeds} seeds)\n\n"
-                                     f"{table}\n")
-    plot(root, runs, seeds, args.experiment)
-    if args.experiment in ("switch_sweep", "early_sam"):
-        plot_vs_switch(root, runs, seeds, args.experiment)
+    seeds = args.seeds if args.seeds is not None else _value(args.scale, "seeds")
+    from samfast.cifar.data import DataError
+    from samfast.cifar.train import RunError
+    try:
+        table = reproduce(args, data_dir, seeds)
+    except (DataError, RunError, config.ConfigError) as exc:
+        print(f"samfast-reproduce: error: {exc}", file=sys.stderr)
+        return 2
     print(table)
     return 0
 

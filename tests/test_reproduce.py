@@ -56,3 +56,22 @@ def test_estimate_counts_epochs_by_their_measured_cost_and_shared_runs_once():
     # the sweep's @0 (= SAM) and @1 (= late switch) are late_switch's runs: counted once
     assert rows["all, shared runs once"][0].startswith(str(
         sum(len(reproduce.runs_of(e, "smoke")) for e in reproduce.EXPERIMENTS) - 4))
+
+
+@pytest.mark.parametrize("scale", reproduce.SETTINGS)
+def test_every_run_gets_the_scales_settings_and_settings_json_names_every_source(scale):
+    from samfast.cifar import config
+    chosen = {k: v for k, (v, _) in reproduce.SETTINGS[scale].items()
+              if k not in reproduce.GRID_KEYS}
+    for experiment in reproduce.EXPERIMENTS:
+        for flags in reproduce.runs_of(experiment, scale).values():
+            cfg = config.config_from_flags(reproduce.base_args(scale, None) + flags).record()
+            # a run's own flags override only what the experiment varies
+            kept = {k: v for k, v in chosen.items() if k not in ("rho",)}
+            assert {k: cfg[k] for k in kept} == kept
+    record = reproduce.settings_record(scale, None)
+    identity = config.run_identity(config.parse_config([]), None, 1)
+    assert set(identity) - {"data", "world_size"} <= set(record)
+    assert set(reproduce.GRID_KEYS) <= set(record)
+    assert all(entry["source"] for entry in record.values())
+    assert record["momentum"]["value"] == 0.9 and record["augment"]["value"] == "crop_flip"

@@ -1,8 +1,11 @@
 """The CIFAR trainer on tiny subsets of the embedded real CIFAR-10 data: models, data
-loading, augmentation, the SGD -> SAM switch, bit-identical resume after SIGKILL, bad flags."""
+loading, augmentation, the run configuration, the SGD -> SAM switch, bit-identical resume
+after SIGKILL and fork from a snapshot, bad flags. Bad inputs other than flags (data, run
+directories, checkpoints) are in test_cli_bad_inputs.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 import samfast
+from samfast.cifar import config
 from samfast.cifar import train as trainer
 from samfast.cifar.data import (DataError, Split, augment, epoch_generator, load_cifar,
                                 stratified_subset, train_batches)
@@ -153,6 +157,83 @@ def test_augmentation_keeps_labels_and_shapes_and_only_shifts_and_flips():
     assert all(int((c == 0).all(0).sum()) >= 16 for c in cut)  # a zeroed hole in every image
 
 
+def test_augmentation_modes_flip_only_or_leave_the_images_alone():
+    train, _ = load_cifar(str(DEMO_DATA))
+    x = train.x[:32]
+    assert torch.equal(augment(x, epoch_generator(0, 0), mode="none"), x)
+    flipped = augment(x, epoch_generator(0, 0), mode="flip")
+    same = [torch.equal(a, b) for a, b in zip(flipped, x)]
+    mirrored = [torch.equal(a, b.flip(2)) for a, b in zip(flipped, x)]
+    assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and any(same)
+    # cutout still applies on its own
+    assert all(int((c == 0).all(0).sum()) >= 16
+               for c in augment(x, epoch_generator(1, 0), cutout=8, mode="none"))
+    split = Split(x, train.y[:32])
+    batches = list(train_batches(split, 32, epoch_generator(0, 0), augmentation="none"))
+    order = torch.randperm(32, generator=epoch_generator(0, 0))
+    assert torch.equal(batches[0][0], x[order].float() / 255)
+
+
+# -- the run configuration -------------------------------------------------------------------
+
+def test_every_flag_keeps_its_name_and_default():
+    old = {"dataset": "cifar10", "data_dir": None, "download": False, "train_subset": None,
+           "test_subset": None, "cutout": 0, "model": "small_cnn", "epochs": 10,
+           "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+           "nesterov": False, "lr_schedule": "step_wrn", "label_smoothing": 0.0,
+           "optimizer": "sam", "rho": None, "eta": 0.0, "sam_start": 0, "sam_end": None,
+           "reset_momentum": False, "ddp_ascent": "global", "backend": "auto",
+           "sharpness_every": 0, "sharpness_samples": 1024, "sharpness_k": 1,
+           "sharpness_iters": 20, "adv_start": None, "adv_end": None, "adv_eps": 8 / 255,
+           "adv_alpha": 2 / 255, "adv_steps": 10, "adv_norm": "linf", "eval_robust_every": 0,
+           "eval_pgd_steps": 20, "eval_robust_samples": 500, "amp": "none",
+           "channels_last": False, "compile": False,
+           "device": "cuda" if torch.cuda.is_available() else "cpu", "seed": 0,
+           "deterministic": False, "out": "runs/latest", "resume": False,
+           "checkpoint_every": 1, "eval_every": 1, "eval_batch_size": 500, "quiet": False}
+    parser = config.build_parser()
+    parsed = vars(parser.parse_args([]))
+    assert {k: parsed[k] for k in old} == old
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    assert {"--" + k.replace("_", "-") for k in old} <= flags
+    new = {"augment": "crop_flip", "overwrite": False, "snapshot_epochs": (),
+           "fork_from": None, "fork_epoch": None}
+    assert set(parsed) == set(old) | set(new) and {k: parsed[k] for k in new} == new
+
+
+def test_what_does_not_affect_the_result_is_exactly_where_and_how_a_run_reports():
+    free = {f.name for f in dataclasses.fields(config.RunConfig)
+            if config.affects(f.name) is config.Affects.NOTHING}
+    assert free == {"download", "out", "resume", "overwrite", "checkpoint_every",
+                    "snapshot_epochs", "fork_from", "fork_epoch", "eval_batch_size", "quiet"}
+    assert config.affects("data_dir") is config.Affects.DATA
+    base = config.parse_config(["--device", "cpu"])
+    key = config.run_key(config.run_identity(base, {"train": "a", "test": "b"}, 1))
+    changed = {"epochs": 11, "augment": "flip", "backend": "reference", "test_subset": 50,
+               "model": "resnet20", "eval_every": 2, "sam_start": 3, "rho": 0.1}
+    for name, value in changed.items():
+        other = dataclasses.replace(base, **{name: value})
+        assert config.run_key(config.run_identity(other, {"train": "a", "test": "b"}, 1)) != key
+    for name, value in {"out": "elsewhere", "quiet": True, "data_dir": "/copy"}.items():
+        other = dataclasses.replace(base, **{name: value})
+        assert config.run_key(config.run_identity(other, {"train": "a", "test": "b"}, 1)) == key
+    assert config.run_key(config.run_identity(base, {"train": "a", "test": "c"}, 1)) != key
+    assert config.run_key(config.run_identity(base, {"train": "a", "test": "b"}, 2)) != key
+
+
+def test_config_record_round_trips_and_an_old_record_takes_the_defaults():
+    cfg = config.parse_config(["--snapshot-epochs", "3,1", "--augment", "flip", "--epochs", "5",
+                               "--device", "cpu"])
+    assert cfg.snapshot_epochs == (1, 3)
+    record = json.loads(json.dumps(cfg.record()))
+    assert config.RunConfig.from_record(record) == cfg
+    old = {k: v for k, v in record.items() if k != "augment"}
+    assert config.RunConfig.from_record({**old, "gone": 1}).augment == "crop_flip"
+    assert config.to_argv({"snapshot_epochs": (1, 3), "nesterov": True, "rho": None,
+                           "lr": 0.05}) == ["--snapshot-epochs", "1,3", "--nesterov", "--lr",
+                                            "0.05"]
+
+
 # -- the trainer -----------------------------------------------------------------------------
 
 def test_sam_switch_happens_at_the_right_epoch_and_doubles_passes(tmp_path, monkeypatch):
@@ -229,7 +310,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
 def test_resume_with_other_settings_refuses(tmp_path):
     trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "1")))
-    with pytest.raises(SystemExit, match="--lr"):
+    with pytest.raises(trainer.RunError, match="--lr 0.1 -> 0.3"):
         trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "1", "--lr", "0.3",
                                                    "--resume")))
 
@@ -288,7 +369,7 @@ def test_late_switch_to_adversarial_training_and_robust_accuracy(tmp_path, monke
                                          "--adv-steps", "2", "--eval-robust-every", "3",
                                          "--eval-pgd-steps", "3", "--eval-robust-samples", "20",
                                          "--sam-start", "1"))
-    assert cfg["adv_eps"] == pytest.approx(4 / 255)
+    assert cfg.adv_eps == pytest.approx(4 / 255)
     summary = trainer.run(cfg)
     assert calls == [2] * 4  # the 4 training batches of epoch 2 only (PGD-2)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -313,3 +394,50 @@ def test_fp16_amp_with_sam_trains(tmp_path):
     summary = trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "1", "--amp",
                                                          "fp16", "--test-subset", "20")))
     assert summary["sam_epochs"] == 1 and math.isfinite(summary["train_loss"])
+
+
+def _rows(path: Path) -> list[dict]:
+    """metrics.jsonl without the epoch times and the inherited mark."""
+    return [{k: v for k, v in json.loads(line).items()
+             if k not in ("epoch_time_s", "inherited")} for line in path.read_text().splitlines()]
+
+
+def _assert_same_state(a: Path, b: Path) -> None:
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert sa["epoch"] == sb["epoch"]
+    assert sa["model"].keys() == sb["model"].keys()
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    ma, mb = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert ma.keys() == mb.keys() and all(
+        torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
+
+
+def test_a_fork_of_the_sgd_run_at_k_is_the_switch_run_bit_for_bit(tmp_path):
+    """The paired design: SGD -> SAM at K forked from the SGD run's snapshot at K ends exactly
+    where the same switch run trained from scratch does."""
+    k = "2"
+    common = ("--epochs", "3", "--deterministic", "--lr-schedule", "cosine")
+    trainer.run(trainer.parse_config(tiny_args(tmp_path / "sgd", *common, "--optimizer", "sgd",
+                                               "--snapshot-epochs", k)))
+    trainer.run(trainer.parse_config(tiny_args(tmp_path / "switch", *common, "--optimizer",
+                                               "sam", "--sam-start", k, "--snapshot-epochs", k)))
+    summary = trainer.run(trainer.parse_config(tiny_args(
+        tmp_path / "fork", *common, "--optimizer", "sam", "--sam-start", k,
+        "--fork-from", str(tmp_path / "sgd"), "--fork-epoch", k)))
+    _assert_same_state(tmp_path / "sgd" / "epoch_2.pt", tmp_path / "switch" / "epoch_2.pt")
+    _assert_same_state(tmp_path / "fork" / "last.pt", tmp_path / "switch" / "last.pt")
+    fork_metrics = tmp_path / "fork" / "metrics.jsonl"
+    assert _rows(fork_metrics) == _rows(tmp_path / "switch" / "metrics.jsonl")
+    rows = [json.loads(line) for line in fork_metrics.read_text().splitlines()]
+    assert [r.get("inherited", False) for r in rows] == [True, True, False]
+    assert summary["fork"] == {"from": str(tmp_path / "sgd" / "epoch_2.pt"), "epoch": 2}
+    assert summary["sam_epochs"] == 1
+    assert sorted(p.name for p in (tmp_path / "fork").iterdir()) == [
+        "curves.png", "last.pt", "metrics.jsonl", "summary.json"]
+    # A fork to ASAM takes ASAM's own options, not the SGD run's (rho 0.05, not adaptive).
+    trainer.run(trainer.parse_config(tiny_args(
+        tmp_path / "asam", *common, "--optimizer", "asam", "--sam-start", k,
+        "--fork-from", str(tmp_path / "sgd" / "epoch_2.pt"))))
+    asam = torch.load(tmp_path / "asam" / "last.pt", weights_only=True)
+    group = asam["optimizer"]["param_groups"][0]
+    assert group["rho"] == 2.0 and group["adaptive"] is True

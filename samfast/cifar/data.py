@@ -8,8 +8,9 @@ Two on-disk layouts are read:
   torchvision's CIFAR classes, which check every file's MD5 before unpickling it.
 
 Images stay uint8 on the training device (50k CIFAR images are 150 MiB); each batch is cropped
-(random translation within a zero padding of 4), flipped and optionally cut out by a handful
-of batched tensor ops, with no per-image Python and no DataLoader workers. Every random draw
+(random translation within a zero padding of 4) and flipped (or only flipped, or neither) and
+optionally cut out by a handful of batched tensor ops, with no per-image Python and no
+DataLoader workers. Every random draw
 comes from a generator seeded by (seed, epoch), so an epoch is reproducible on its own: a run
 resumed at an epoch boundary sees exactly the batches of an uninterrupted one.
 """
@@ -17,7 +18,10 @@ resumed at an epoch boundary sees exactly the batches of an uninterrupted one.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +67,15 @@ def _split(x: np.ndarray, y: np.ndarray) -> Split:
 def _load_npz(paths: list[str], classes: int) -> Split:
     xs, ys = [], []
     for path in paths:
+        # A truncated archive raises BadZipFile or EOFError, a damaged member zlib.error or
+        # BadZipFile (CRC), a pickled or damaged array header ValueError.
         try:
             with np.load(path, allow_pickle=False) as f:
                 x, y = f["x"], f["y"]
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise DataError(f"{path}: not a readable .npz with arrays 'x' and 'y' ({exc})") from exc
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            detail = (str(exc).splitlines() or [""])[0]
+            raise DataError(f"{path}: not a readable .npz with arrays 'x' and 'y' "
+                            f"({type(exc).__name__}: {detail})") from exc
         _check_arrays(x, y, classes, path)
         xs.append(x)
         ys.append(y)
@@ -106,14 +114,19 @@ def load_cifar(data_dir: str, dataset: str = "cifar10",
         raise ValueError(f"Invalid dataset: {dataset!r} (choose from {', '.join(NUM_CLASSES)})")
     train_npz = sorted(glob.glob(os.path.join(data_dir, "train_*.npz")))
     test_npz = os.path.join(data_dir, "test.npz")
+    folder = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
     if train_npz and os.path.exists(test_npz):
         classes = NUM_CLASSES[dataset]
-        return _load_npz(train_npz, classes), _load_npz([test_npz], classes)
-    folder = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
-    if download or os.path.isdir(os.path.join(data_dir, folder)):
-        return _load_torchvision(data_dir, dataset, download)
-    raise DataError(f"no {dataset} data in {data_dir!r}: expected train_*.npz + test.npz, or "
-                    f"the official {folder}/ folder (or pass --download)")
+        train, test = _load_npz(train_npz, classes), _load_npz([test_npz], classes)
+    elif download or os.path.isdir(os.path.join(data_dir, folder)):
+        train, test = _load_torchvision(data_dir, dataset, download)
+    else:
+        raise DataError(f"no {dataset} data in {data_dir!r}: expected train_*.npz + test.npz, "
+                        f"or the official {folder}/ folder (or pass --download)")
+    for name, split in (("training", train), ("test", test)):
+        if not len(split):
+            raise DataError(f"no {name} images in {data_dir!r}")
+    return train, test
 
 
 def stratified_subset(split: Split, n: int, seed: int = 0) -> Split:
@@ -135,21 +148,29 @@ def stratified_subset(split: Split, n: int, seed: int = 0) -> Split:
     return Split(split.x[keep], split.y[keep])
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, cutout: int = 0) -> torch.Tensor:
-    """Random crop (translation within a zero padding of 4), horizontal flip and optional
-    cutout of a ``cutout`` x ``cutout`` square, for a uint8 N x C x 32 x 32 batch, batched."""
+def augment(x: torch.Tensor, gen: torch.Generator, cutout: int = 0,
+            mode: str = "crop_flip") -> torch.Tensor:
+    """For a uint8 N x C x 32 x 32 batch, batched: ``mode`` "crop_flip" a random crop
+    (translation within a zero padding of 4) then a horizontal flip, "flip" the flip alone,
+    "none" neither; then, with ``cutout``, a zeroed ``cutout`` x ``cutout`` square. The draws
+    come in that order from ``gen`` (crop, flip, cutout)."""
+    if mode not in ("crop_flip", "flip", "none"):
+        raise ValueError(f"Invalid augmentation mode: {mode!r} (crop_flip, flip or none)")
     n, c, h, w = x.shape
     dev = x.device
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=gen).to(dev)
-    dx = torch.randint(0, 9, (n,), generator=gen).to(dev)
-    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-    batch = torch.arange(n, device=dev)[:, None, None, None]
-    chan = torch.arange(c, device=dev)[None, :, None, None]
-    out = padded[batch, chan, rows, cols]
-    flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
-    out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    out = x
+    if mode == "crop_flip":
+        padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+        dy = torch.randint(0, 9, (n,), generator=gen).to(dev)
+        dx = torch.randint(0, 9, (n,), generator=gen).to(dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        batch = torch.arange(n, device=dev)[:, None, None, None]
+        chan = torch.arange(c, device=dev)[None, :, None, None]
+        out = padded[batch, chan, rows, cols]
+    if mode != "none":
+        flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
     if cutout:
         cy = torch.randint(0, h, (n,), generator=gen).to(dev)
         cx = torch.randint(0, w, (n,), generator=gen).to(dev)
@@ -162,13 +183,22 @@ def augment(x: torch.Tensor, gen: torch.Generator, cutout: int = 0) -> torch.Ten
     return out
 
 
+def fingerprint(split: Split) -> str:
+    """SHA-256 of the images and labels (and their shapes): equal digests, the same data."""
+    digest = hashlib.sha256()
+    for t in (split.x, split.y.to(torch.int64)):
+        digest.update(repr(tuple(t.shape)).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().data)
+    return digest.hexdigest()
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def train_batches(split: Split, batch_size: int, gen: torch.Generator, cutout: int = 0,
                   drop_last: bool = False, rank: int = 0, world: int = 1,
-                  order_generator: torch.Generator | None = None):
+                  order_generator: torch.Generator | None = None, augmentation: str = "crop_flip"):
     """Shuffled, augmented (x float in [0, 1], y) batches of one epoch.
 
     With ``world`` > 1, every rank walks the same global batches (the order comes from
@@ -179,7 +209,7 @@ def train_batches(split: Split, batch_size: int, gen: torch.Generator, cutout: i
     stop = len(split) - (len(split) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size][rank::world]
-        x = augment(split.x[idx], gen, cutout)
+        x = augment(split.x[idx], gen, cutout, augmentation)
         yield x.float().div_(255), split.y[idx]
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from samfast.cifar import train as trainer
+from samfast.cifar.data import DataError
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
@@ -28,6 +29,7 @@ def demo_runs(epochs: int, sam_start: int) -> dict[str, list[str]]:
     common = ["--data-dir", str(DEMO_DATA), "--model", "small_cnn", "--epochs", str(epochs),
               "--batch-size", "128", "--lr", "0.05", "--lr-schedule", "cosine",
               "--weight-decay", "5e-4", "--seed", "0", "--quiet",
+              "--overwrite",  # every demo retrains both runs
               # sharpness = top Hessian eigenvalue of the training loss, at the end only
               "--sharpness-every", str(epochs), "--sharpness-samples", "512",
               "--sharpness-iters", "20"]
@@ -81,7 +83,11 @@ def main(argv=None) -> int:
         if args.device:
             run_argv += ["--device", args.device]
         print(f"-- {name}", file=sys.stderr, flush=True)
-        results[name] = trainer.run(trainer.parse_config(run_argv))
+        try:
+            results[name] = trainer.run(trainer.parse_config(run_argv))
+        except (DataError, trainer.RunError) as exc:
+            print(f"samfast-demo: error: {exc}", file=sys.stderr)
+            return 2
         histories[name] = [json.loads(line) for line in
                            (out / f"run{i}" / "metrics.jsonl").read_text().splitlines()]
     rows = [f"| {name} | {r['sam_epochs']}/{r['epochs']} | {r['test_acc']:.1f} | "

@@ -7,23 +7,32 @@ measures goes to ``--out``: ``metrics.jsonl`` (one line per epoch), ``summary.js
 ``curves.png`` and the checkpoint ``last.pt`` (atomic; ``--resume`` continues from it and, on
 the CPU with ``--deterministic``, ends bit-identical to an uninterrupted run).
 
-Sections: configuration / set-up / one epoch / evaluation / checkpoints / logging / main.
-Epoch times count training only (evaluation and checkpoints excluded).
+A run directory holds one run: an existing one is continued (``--resume``, only with the
+same settings and data) or replaced (``--overwrite``), never mixed into. ``--snapshot-epochs
+K`` keeps ``epoch_K.pt``, the state at the start of epoch K, and ``--fork-from DIR
+--fork-epoch K`` starts another run from it when the first K epochs would have been trained
+identically (e.g. SGD -> SAM at K forked from the SGD run: the paired design). The fork's
+``metrics.jsonl`` starts with the source's K rows, marked ``"inherited": true``; its summary
+names the snapshot, and its times include the inherited epochs'.
+
+Sections: configuration / set-up / one epoch / evaluation / run directory and checkpoints /
+logging / main. Epoch times count training only (evaluation and checkpoints excluded).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
+import pickle
 import platform
+import re
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,198 +41,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 import samfast
 from samfast.distributed import sam_step
-from samfast.cifar.data import (NUM_CLASSES, DataError, epoch_generator, eval_batches,
-                                find_data_dir, load_cifar, stratified_subset, train_batches)
-from samfast.cifar.models import MODELS, build_model
+from samfast.cifar.config import (ConfigError, RunConfig, fork_problems, identity_changes,
+                                  parse_config, run_identity, snapshot_path)
+from samfast.cifar.data import (NUM_CLASSES, DataError, Split, epoch_generator, eval_batches,
+                                find_data_dir, fingerprint, load_cifar, stratified_subset,
+                                train_batches)
+from samfast.cifar.models import build_model
 
 # =============================================================================================
-# configuration
+# configuration (the fields, flags and checks live in samfast.cifar.config)
 # =============================================================================================
 
-OPTIMIZERS = ("sgd", "sam", "asam", "usam")
-LR_SCHEDULES = ("step_wrn", "multistep", "cosine")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="samfast-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=sorted(NUM_CLASSES), default="cifar10")
-    d.add_argument("--data-dir", default=None,
-                   help="train_*.npz + test.npz, or the official python folders "
-                        "(default: $SAMFAST_DATA, else the --download cache)")
-    d.add_argument("--download", action="store_true", help="download with torchvision")
-    d.add_argument("--train-subset", type=int, default=None,
-                   help="train on a stratified subset of N images")
-    d.add_argument("--test-subset", type=int, default=None,
-                   help="evaluate on a stratified subset of N test images")
-    d.add_argument("--cutout", type=int, default=0, help="cutout square size (0: off)")
-    m = p.add_argument_group("model and optimization")
-    m.add_argument("--model", choices=sorted(MODELS), default="small_cnn")
-    m.add_argument("--epochs", type=int, default=10)
-    m.add_argument("--batch-size", type=int, default=128)
-    m.add_argument("--lr", type=float, default=0.1)
-    m.add_argument("--momentum", type=float, default=0.9)
-    m.add_argument("--weight-decay", type=float, default=5e-4)
-    m.add_argument("--nesterov", action="store_true")
-    m.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="step_wrn",
-                   help="step_wrn: x0.2 at 30/60/80%% of the epochs; multistep: x0.1 at "
-                        "50/75%%; cosine: to 0")
-    m.add_argument("--label-smoothing", type=float, default=0.0)
-    s = p.add_argument_group("SAM and its schedule")
-    s.add_argument("--optimizer", choices=OPTIMIZERS, default="sam")
-    s.add_argument("--rho", type=float, default=None,
-                   help="neighbourhood radius (default 0.05; 2.0 for asam)")
-    s.add_argument("--eta", type=float, default=0.0, help="ASAM's eta")
-    s.add_argument("--sam-start", type=int, default=0,
-                   help="first SAM epoch (0-based): epochs before it use SGD")
-    s.add_argument("--sam-end", type=int, default=None,
-                   help="SAM only before this epoch (SAM -> SGD); default: until the end")
-    s.add_argument("--reset-momentum", action="store_true",
-                   help="clear the momentum buffers when SAM switches on or off")
-    s.add_argument("--ddp-ascent", choices=("global", "local"), default="global",
-                   help="under torchrun: all-reduce the ascent gradient (global) or perturb "
-                        "each replica with its own (local, m-sharpness)")
-    s.add_argument("--backend", default="auto", help="samfast backend (auto, reference, native, "
-                                                     "triton)")
-    h = p.add_argument_group("sharpness (top Hessian eigenvalue of the training loss)")
-    h.add_argument("--sharpness-every", type=int, default=0,
-                   help="measure every N epochs and at the end (0: never)")
-    h.add_argument("--sharpness-samples", type=int, default=1024,
-                   help="on this fixed stratified subset of the training images")
-    h.add_argument("--sharpness-k", type=int, default=1, help="how many top eigenvalues")
-    h.add_argument("--sharpness-iters", type=int, default=20, help="Lanczos iterations at most")
-    a = p.add_argument_group("adversarial training (PGD) and robust evaluation")
-    a.add_argument("--adv-start", type=int, default=None,
-                   help="first epoch of PGD adversarial training (default: none)")
-    a.add_argument("--adv-end", type=int, default=None,
-                   help="adversarial training only before this epoch")
-    a.add_argument("--adv-eps", type=_pixels, default=8 / 255,
-                   help="radius in pixels of [0, 1]; '8/255' accepted")
-    a.add_argument("--adv-alpha", type=_pixels, default=2 / 255, help="PGD step size")
-    a.add_argument("--adv-steps", type=int, default=10, help="PGD steps in training")
-    a.add_argument("--adv-norm", choices=("linf", "l2"), default="linf")
-    a.add_argument("--eval-robust-every", type=int, default=0,
-                   help="robust accuracy every N epochs and at the end (0: never)")
-    a.add_argument("--eval-pgd-steps", type=int, default=20)
-    a.add_argument("--eval-robust-samples", type=int, default=500,
-                   help="on this fixed stratified subset of the test images")
-    r = p.add_argument_group("run")
-    r.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    r.add_argument("--channels-last", action="store_true")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (bit-identical resume on the CPU)")
-    r.add_argument("--out", default="runs/latest")
-    r.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
-    r.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
-    r.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
-    r.add_argument("--eval-batch-size", type=int, default=500)
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p
-
-
-def _pixels(text: str) -> float:
-    """A float, or a fraction such as 8/255."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from exc
-
-
-def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Every flag checked before any work; the error names the flag."""
-    def bad(flag: str, why: str) -> None:
-        parser.error(f"argument {flag}: {why}")
-
-    if args.epochs < 1:
-        bad("--epochs", f"must be >= 1, got {args.epochs}")
-    if args.batch_size < 1:
-        bad("--batch-size", f"must be >= 1, got {args.batch_size}")
-    for flag, value in (("--lr", args.lr), ("--momentum", args.momentum),
-                        ("--weight-decay", args.weight_decay), ("--eta", args.eta)):
-        if not math.isfinite(value) or value < 0:
-            bad(flag, f"must be a finite number >= 0, got {value}")
-    if args.lr == 0:
-        bad("--lr", "must be > 0")
-    if args.rho is not None and (not math.isfinite(args.rho) or args.rho < 0):
-        bad("--rho", f"must be a finite number >= 0, got {args.rho}")
-    if not 0 <= args.label_smoothing < 1:
-        bad("--label-smoothing", f"must be in [0, 1), got {args.label_smoothing}")
-    if args.cutout < 0 or args.cutout > 32:
-        bad("--cutout", f"must be in 0..32, got {args.cutout}")
-    if not 0 <= args.sam_start <= args.epochs:
-        bad("--sam-start", f"must be in 0..{args.epochs} (--epochs), got {args.sam_start}")
-    if args.sam_end is not None and not args.sam_start <= args.sam_end <= args.epochs:
-        bad("--sam-end", f"must be in {args.sam_start}..{args.epochs}, got {args.sam_end}")
-    for flag, value in (("--train-subset", args.train_subset),
-                        ("--test-subset", args.test_subset)):
-        if value is not None and value < 10:
-            bad(flag, f"must be >= 10 (one image per class at least), got {value}")
-    if args.adv_start is not None and not 0 <= args.adv_start <= args.epochs:
-        bad("--adv-start", f"must be in 0..{args.epochs} (--epochs), got {args.adv_start}")
-    if args.adv_end is not None:
-        if args.adv_start is None:
-            bad("--adv-end", "needs --adv-start")
-        if not args.adv_start <= args.adv_end <= args.epochs:
-            bad("--adv-end", f"must be in {args.adv_start}..{args.epochs}, got {args.adv_end}")
-    for flag, value in (("--adv-eps", args.adv_eps), ("--adv-alpha", args.adv_alpha)):
-        if not math.isfinite(value) or value < 0:
-            bad(flag, f"must be a finite number >= 0, got {value}")
-    for flag, value in (("--adv-steps", args.adv_steps), ("--eval-pgd-steps", args.eval_pgd_steps),
-                        ("--eval-robust-every", args.eval_robust_every)):
-        if value < 0:
-            bad(flag, f"must be >= 0, got {value}")
-    if args.eval_robust_samples < 10:
-        bad("--eval-robust-samples", f"must be >= 10, got {args.eval_robust_samples}")
-    if args.sharpness_every < 0:
-        bad("--sharpness-every", f"must be >= 0, got {args.sharpness_every}")
-    for flag, value in (("--sharpness-samples", args.sharpness_samples),
-                        ("--sharpness-k", args.sharpness_k),
-                        ("--sharpness-iters", args.sharpness_iters)):
-        if value < 1:
-            bad(flag, f"must be >= 1, got {value}")
-    for flag, value in (("--checkpoint-every", args.checkpoint_every),
-                        ("--eval-every", args.eval_every),
-                        ("--eval-batch-size", args.eval_batch_size)):
-        if value < 1:
-            bad(flag, f"must be >= 1, got {value}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        bad("--device", f"{args.device} requested but CUDA is not available")
-    try:
-        torch.device(args.device)
-    except RuntimeError as exc:
-        bad("--device", str(exc))
-    if args.amp == "fp16" and args.ddp_ascent == "local" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        bad("--amp", "fp16 loss scaling with --ddp-ascent local is not supported yet; use "
-                     "--amp bf16 or --ddp-ascent global")
-    device = torch.device(args.device)
-    if args.backend not in samfast.available_backends(device) and args.backend != "auto":
-        bad("--backend", f"{args.backend!r} is not available on {device} (available: "
-                         f"{', '.join(samfast.available_backends(device))})")
-
-
-def parse_config(argv=None) -> dict[str, Any]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    validate(args, parser)
-    if args.rho is None:
-        args.rho = 2.0 if args.optimizer == "asam" else 0.05
-    return vars(args)
-
-
-def make_schedule(cfg: dict) -> samfast.SwitchSchedule:
-    sam = cfg["optimizer"] != "sgd"
-    return samfast.SwitchSchedule(
-        cfg["epochs"], sam_start=cfg["sam_start"] if sam else None,
-        sam_end=cfg["sam_end"] if sam else None,
-        adv_start=cfg.get("adv_start"), adv_end=cfg.get("adv_end"),
-        reset_momentum=cfg["reset_momentum"])
+class RunError(RuntimeError):
+    """A run directory, checkpoint or snapshot that cannot be used as asked."""
 
 
 def lr_factor(schedule: str, epochs: int):
@@ -241,41 +72,52 @@ def lr_factor(schedule: str, epochs: int):
 # set-up
 # =============================================================================================
 
-def setup_determinism(cfg: dict) -> None:
-    torch.manual_seed(cfg["seed"])
-    if cfg["deterministic"]:
+def setup_determinism(cfg: RunConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
 
 
-def build_optimizer(cfg: dict, model: torch.nn.Module) -> samfast.SAM:
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> samfast.SAM:
     """A samfast.SAM in every case: with --optimizer sgd it simply never enables SAM, so the
     SGD phase of every run goes through the same code (SAM.base_step)."""
-    return samfast.SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=cfg["rho"],
-                       adaptive=cfg["optimizer"] == "asam", eta=cfg["eta"],
-                       normalize=cfg["optimizer"] != "usam", backend=cfg["backend"],
-                       lr=cfg["lr"], momentum=cfg["momentum"],
-                       weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
+    return samfast.SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=cfg.rho,
+                       adaptive=cfg.optimizer == "asam", eta=cfg.eta,
+                       normalize=cfg.optimizer != "usam", backend=cfg.backend,
+                       lr=cfg.lr, momentum=cfg.momentum,
+                       weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
 
-def load_data(cfg: dict, device: torch.device):
-    train, test = load_cifar(find_data_dir(cfg["data_dir"]), cfg["dataset"], cfg["download"])
-    if cfg["train_subset"]:
-        if cfg["train_subset"] > len(train):
-            raise DataError(f"--train-subset {cfg['train_subset']} > {len(train)} images")
-        train = stratified_subset(train, cfg["train_subset"], seed=cfg["seed"])
-    if cfg["test_subset"]:
-        if cfg["test_subset"] > len(test):
-            raise DataError(f"--test-subset {cfg['test_subset']} > {len(test)} images")
-        test = stratified_subset(test, cfg["test_subset"], seed=cfg["seed"])
-    return train.to(device), test.to(device)
+def select_data(cfg: RunConfig, train: Split, test: Split) -> tuple[Split, Split]:
+    """The subsets of the loaded data that the run uses."""
+    for name, split, n in (("--train-subset", train, cfg.train_subset),
+                           ("--test-subset", test, cfg.test_subset)):
+        if n is not None and n > len(split):
+            raise DataError(f"{name} {n} > {len(split)} images")
+    if cfg.train_subset is not None:
+        train = stratified_subset(train, cfg.train_subset, seed=cfg.seed)
+    if cfg.test_subset is not None:
+        test = stratified_subset(test, cfg.test_subset, seed=cfg.seed)
+    return train, test
 
 
-def autocast(cfg: dict, device: torch.device):
-    if cfg["amp"] == "none":
+def data_fingerprint(train: Split, test: Split) -> dict[str, str]:
+    return {"train": fingerprint(train), "test": fingerprint(test)}
+
+
+def load_data(cfg: RunConfig) -> tuple[Split, Split, dict[str, str]]:
+    """(train, test, fingerprint) of the data the run uses, on the CPU."""
+    train, test = load_cifar(find_data_dir(cfg.data_dir), cfg.dataset, cfg.download)
+    train, test = select_data(cfg, train, test)
+    return train, test, data_fingerprint(train, test)
+
+
+def autocast(cfg: RunConfig, device: torch.device):
+    if cfg.amp == "none":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg["amp"] == "bf16" else torch.float16
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 
 
@@ -295,7 +137,7 @@ def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=Non
     the model) decides the SAM step's all-reduce semantics (samfast.distributed.sam_step)."""
     model.train()
     step_model = step_model if step_model is not None else model
-    gen = epoch_generator(cfg["seed"], epoch)
+    gen = epoch_generator(cfg.seed, epoch)
     if world > 1:  # same global batches on every rank, a different shard and augmentation
         gen = torch.Generator().manual_seed(gen.initial_seed() * world + rank)
     total_loss = torch.zeros((), device=device)
@@ -303,10 +145,11 @@ def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=Non
     seen = torch.zeros((), device=device, dtype=torch.long)
     _sync(device)
     t0 = time.perf_counter()
-    order_gen = epoch_generator(cfg["seed"], epoch) if world > 1 else None
-    for x, y in train_batches(train, cfg["batch_size"], gen, cfg["cutout"], rank=rank,
-                              world=world, order_generator=order_gen):
-        if cfg["channels_last"]:
+    order_gen = epoch_generator(cfg.seed, epoch) if world > 1 else None
+    for x, y in train_batches(train, cfg.batch_size, gen, cfg.cutout, rank=rank,
+                              world=world, order_generator=order_gen,
+                              augmentation=cfg.augment):
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if perturb_inputs is not None:
             x = perturb_inputs(model, x, y)
@@ -315,12 +158,12 @@ def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=Non
         def loss_fn():
             with autocast(cfg, device):
                 logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if not first_logits:
                 first_logits.append(logits.detach())
             return loss
 
-        loss = sam_step(step_model, opt, loss_fn, ascent=cfg["ddp_ascent"], grad_scaler=scaler)
+        loss = sam_step(step_model, opt, loss_fn, ascent=cfg.ddp_ascent, grad_scaler=scaler)
         total_loss += loss.detach() * len(y)
         correct += (first_logits[0].argmax(1) == y).sum()
         seen += len(y)
@@ -351,8 +194,8 @@ def evaluate(cfg, model, split, device) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    for x, y in eval_batches(split, cfg["eval_batch_size"]):
-        if cfg["channels_last"]:
+    for x, y in eval_batches(split, cfg.eval_batch_size):
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(cfg, device):
             logits = model(x).float()
@@ -362,95 +205,225 @@ def evaluate(cfg, model, split, device) -> tuple[float, float]:
     return float(total) / len(split), 100.0 * float(correct) / len(split)
 
 
-def sharpness_batches(cfg: dict, train) -> list:
+def sharpness_batches(cfg: RunConfig, train) -> list:
     """A fixed stratified subset of the (unaugmented) training images, in eval batches."""
-    n = min(cfg["sharpness_samples"], len(train))
-    subset = stratified_subset(train, n, seed=cfg["seed"] + 1) if n < len(train) else train
-    return list(eval_batches(subset, cfg["eval_batch_size"]))
+    n = min(cfg.sharpness_samples, len(train))
+    subset = stratified_subset(train, n, seed=cfg.seed + 1) if n < len(train) else train
+    return list(eval_batches(subset, cfg.eval_batch_size))
 
 
-def measure_sharpness(cfg: dict, model, batches) -> dict:
+def measure_sharpness(cfg: RunConfig, model, batches) -> dict:
     """Top eigenvalues of the Hessian of the mean cross-entropy (no label smoothing), with
     BatchNorm in eval mode; see samfast.sharpness."""
     eigs, info = samfast.hessian_eigenvalues(
-        model, F.cross_entropy, batches, k=cfg["sharpness_k"], max_iter=cfg["sharpness_iters"],
-        tol=1e-3, seed=cfg["seed"], return_info=True)
+        model, F.cross_entropy, batches, k=cfg.sharpness_k, max_iter=cfg.sharpness_iters,
+        tol=1e-3, seed=cfg.seed, return_info=True)
     return {"sharpness": float(eigs[0]), "hessian_top": eigs.tolist(),
             "sharpness_hvps": info.hvps}
 
 
-def adversarial_inputs(cfg: dict, epoch: int):
+def adversarial_inputs(cfg: RunConfig, epoch: int):
     """x -> PGD examples for adversarial training, with a random start drawn from a
     generator of (seed, epoch): a resumed epoch attacks exactly as the uninterrupted one."""
-    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch + 500_009)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + 500_009)
 
     def perturb(model, x, y):
         with autocast(cfg, x.device):
-            return samfast.pgd_attack(model, x, y, eps=cfg["adv_eps"], alpha=cfg["adv_alpha"],
-                                      steps=cfg["adv_steps"], norm=cfg["adv_norm"],
+            return samfast.pgd_attack(model, x, y, eps=cfg.adv_eps, alpha=cfg.adv_alpha,
+                                      steps=cfg.adv_steps, norm=cfg.adv_norm,
                                       generator=gen)
     return perturb
 
 
-def robust_eval(cfg: dict, test):
+def robust_eval(cfg: RunConfig, test):
     """model -> PGD-k accuracy (%) on a fixed stratified subset of the test set."""
-    n = min(cfg["eval_robust_samples"], len(test))
-    subset = stratified_subset(test, n, seed=cfg["seed"] + 2) if n < len(test) else test
-    batches = list(eval_batches(subset, cfg["eval_batch_size"]))
+    n = min(cfg.eval_robust_samples, len(test))
+    subset = stratified_subset(test, n, seed=cfg.seed + 2) if n < len(test) else test
+    batches = list(eval_batches(subset, cfg.eval_batch_size))
 
     def evaluate_robust(model) -> float:
-        return samfast.robust_accuracy(model, batches, eps=cfg["adv_eps"],
-                                       alpha=cfg["adv_alpha"], steps=cfg["eval_pgd_steps"],
-                                       norm=cfg["adv_norm"], seed=cfg["seed"])
+        return samfast.robust_accuracy(model, batches, eps=cfg.adv_eps,
+                                       alpha=cfg.adv_alpha, steps=cfg.eval_pgd_steps,
+                                       norm=cfg.adv_norm, seed=cfg.seed)
     return evaluate_robust
 
 
 # =============================================================================================
-# checkpoints
+# run directory and checkpoints
 # =============================================================================================
+
+# Their presence marks a directory as holding a run.
+RUN_MARKERS = ("last.pt", "metrics.jsonl", "summary.json")
+_SNAPSHOT = re.compile(r"epoch_\d+\.pt")
+# What atomic_write_bytes leaves behind when killed between mkstemp and the rename.
+_ORPHAN = re.compile(r"\.(last\.pt|metrics\.jsonl|summary\.json|epoch_\d+\.pt)\.[a-z0-9_]{8}")
+_CHECKPOINT_KEYS = ("format", "model", "optimizer", "lr_scheduler", "epoch", "config",
+                    "data", "world_size", "history", "wall_time_s", "torch_rng")
+CHECKPOINT_FORMAT = 2
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def _umask() -> int:
+    # Reading the umask means setting it; it is set straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 def atomic_write_bytes(path: Path, write) -> None:
     """``write(f)`` into a temporary file beside ``path``, fsync, then rename over it: a
-    reader (or a resume after SIGKILL) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    reader (or a resume after SIGKILL) sees the old file or the new one, never half of one.
+    The file gets the mode of any file the user creates (mkstemp's is 0600)."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def save_checkpoint(path: Path, cfg, model, opt, lr_sched, next_epoch, history, wall) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-             "lr_scheduler": lr_sched.state_dict(), "epoch": next_epoch, "config": cfg,
-             "history": history, "wall_time_s": wall, "torch_rng": torch.get_rng_state(),
-             "format": 1}
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+def check_run_dir(cfg: RunConfig) -> list[str]:
+    """Refuse (RunError) an --out that cannot be written or holds a run that is neither
+    resumed nor overwritten. Returns the run files it holds. Every rank runs it before any
+    work: they see the same files and reach the same verdict."""
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise RunError(f"argument --out: cannot write to {out}: {exc.strerror or exc}") from exc
+    found = [name for name in RUN_MARKERS if (out / name).exists()]
+    found += sorted(p.name for p in out.iterdir() if _SNAPSHOT.fullmatch(p.name))
+    if found and not (cfg.resume or cfg.overwrite):
+        raise RunError(f"{out} already holds a run ({', '.join(found)}): pass --resume to "
+                       "continue it or --overwrite to replace it")
+    if cfg.resume and "summary.json" in found and "last.pt" not in found:
+        raise RunError(f"--resume: {out} holds a finished run (summary.json) but no last.pt to "
+                       "continue from; pass --overwrite to replace it")
+    return found
 
 
-# Settings that must match for --resume to continue the same run.
-_RESUME_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                "ddp_ascent",
-                "nesterov", "lr_schedule", "label_smoothing", "cutout", "optimizer", "rho",
-                "eta", "sam_start", "sam_end", "reset_momentum", "seed", "train_subset", "amp",
-                "adv_start", "adv_end", "adv_eps", "adv_alpha", "adv_steps", "adv_norm")
+def clean_run_dir(out: Path, replace: bool) -> None:
+    """Remove the temporary files of writes killed half-way and, with ``replace``, the
+    outputs of the run being replaced."""
+    for p in out.iterdir():
+        if _ORPHAN.fullmatch(p.name) or (replace and (
+                p.name in RUN_MARKERS or p.name == "curves.png" or _SNAPSHOT.fullmatch(p.name))):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
 
-def load_checkpoint(path: Path, cfg) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    old = ckpt["config"]
-    changed = [k for k in _RESUME_KEYS if old.get(k) != cfg.get(k)]
-    if changed:
-        raise SystemExit(f"samfast-train: --resume: {path} was written with different settings: "
-                         + ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {cfg.get(k)})"
-                                     for k in changed))
+def read_checkpoint(path: Path) -> dict:
+    """A samfast-train checkpoint from ``path``, or RunError saying why it is not one."""
+    # torch.load reads any other file with its legacy unpickler, whose errors on garbage are
+    # arbitrary; a torch.save archive is a zip, and a truncated one lacks its directory.
+    try:
+        is_archive = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    if not is_archive:
+        raise RunError(f"{path}: not a checkpoint (not a complete torch.save archive: "
+                       "truncated or another file)")
+    # Damaged bytes inside the pickle surface as any of these, from torch.load alone.
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, IndexError,
+            pickle.UnpicklingError) as exc:
+        # The weights-only unpickler's message advises weights_only=False: not for a file
+        # that is damaged or not ours.
+        detail = ("UnpicklingError: damaged, or holds more than tensors and plain data"
+                  if isinstance(exc, pickle.UnpicklingError) else _first_line(exc))
+        raise RunError(f"{path}: not a readable checkpoint ({detail})") from exc
+    if not isinstance(ckpt, dict):
+        raise RunError(f"{path}: not a samfast-train checkpoint (a {type(ckpt).__name__})")
+    if ckpt.get("format") == 1:
+        raise RunError(f"{path}: written by an older samfast-train that did not record its "
+                       "data, so it cannot be checked to be the same run; pass --overwrite")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise RunError(f"{path}: not a samfast-train checkpoint (missing "
+                       f"{', '.join(missing) or 'a config'})")
     return ckpt
+
+
+def recorded_identity(record: dict, where: Path) -> tuple[RunConfig, dict]:
+    """The config and identity that a checkpoint or summary (read from ``where``) records."""
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise RunError(f"{where}: records no samfast-train config")
+    cfg = RunConfig.from_record(record["config"])
+    return cfg, run_identity(cfg, record.get("data"), record.get("world_size", 1))
+
+
+def check_resume(path: Path, ckpt: dict, cfg: RunConfig, identity: dict) -> None:
+    old_cfg, old = recorded_identity(ckpt, path)
+    changed = identity_changes(old, identity, old_cfg, cfg)
+    if changed:
+        raise RunError(f"--resume: {path} was written with other settings: "
+                       + "; ".join(changed))
+
+
+def check_fork(path: Path, ckpt: dict, cfg: RunConfig, identity: dict) -> int:
+    """The fork epoch K, after checking that ``ckpt`` is a snapshot at K of a run whose first
+    K epochs this run would train identically."""
+    epoch = ckpt["epoch"]
+    if cfg.fork_epoch is not None and epoch != cfg.fork_epoch:
+        raise RunError(f"--fork-from: {path} is the state at epoch {epoch}, not "
+                       f"{cfg.fork_epoch} (--fork-epoch)")
+    if not 1 <= epoch < cfg.epochs:
+        raise RunError(f"--fork-from: {path} is the state at epoch {epoch}; a fork starts at "
+                       f"an epoch in 1..{cfg.epochs - 1}")
+    src_cfg, src = recorded_identity(ckpt, path)
+    problems = fork_problems(src, identity, src_cfg, cfg, epoch)
+    if problems:
+        raise RunError(f"--fork-from: {path} was trained differently before epoch {epoch}: "
+                       + "; ".join(problems))
+    return epoch
+
+
+def restore(path: Path, ckpt: dict, model, opt, lr_sched, scaler, fork: bool) -> None:
+    """Load the training state of a checkpoint (RunError if it does not fit)."""
+    try:
+        optimizer_state = ckpt["optimizer"]
+        if fork:
+            # The options of the new run's optimizer are its own: check_fork let through only
+            # those of a phase not yet run (SAM's rho, adaptive...). The lr is the
+            # scheduler's running value and stays the snapshot's.
+            fresh = opt.state_dict()["param_groups"]
+            optimizer_state = {**optimizer_state, "param_groups": [
+                {**saved, **{k: v for k, v in new.items()
+                             if k not in ("params", "lr", "initial_lr")}}
+                for saved, new in zip(optimizer_state["param_groups"], fresh, strict=True)]}
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(optimizer_state)
+        lr_sched.load_state_dict(ckpt["lr_scheduler"])
+        if scaler is not None and ckpt.get("grad_scaler"):
+            scaler.load_state_dict(ckpt["grad_scaler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise RunError(f"{path}: does not fit this run's model and optimizer "
+                       f"({_first_line(exc)})") from exc
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
 # =============================================================================================
@@ -507,11 +480,11 @@ def plot_curves(path: Path, history: list[dict], schedule: samfast.SwitchSchedul
 # main
 # =============================================================================================
 
-def init_distributed(cfg: dict) -> tuple[int, int, torch.device]:
+def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process group, NCCL
     on CUDA (one GPU per local rank), gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(cfg["device"])
+    device = torch.device(cfg.device)
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
@@ -522,53 +495,89 @@ def init_distributed(cfg: dict) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: RunConfig) -> dict:
     """Train as configured; returns the summary (also written to OUT/summary.json). Under
     torchrun every rank trains its shard of each batch; rank 0 alone evaluates, logs and
-    writes checkpoints (the others wait for it at the next all-reduce)."""
+    writes checkpoints (the others wait for it at the next all-reduce).
+
+    Raises DataError or RunError, before any training, for data, a run directory, a
+    checkpoint or a snapshot that cannot be used as asked."""
     rank, world, device = init_distributed(cfg)
     lead = rank == 0
-    out = Path(cfg["out"])
-    if lead:
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)
+    found = check_run_dir(cfg)
     setup_determinism(cfg)
-    train, test = load_data(cfg, device)
-    model = build_model(cfg["model"], NUM_CLASSES[cfg["dataset"]], cfg["dataset"]).to(device)
-    if cfg["channels_last"]:
+    train, test, data = load_data(cfg)
+    identity = run_identity(cfg, data, world)
+    train, test = train.to(device), test.to(device)
+    model = build_model(cfg.model, NUM_CLASSES[cfg.dataset], cfg.dataset).to(device)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model)
-    schedule = make_schedule(cfg)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg["lr_schedule"], cfg["epochs"]))
-    scaler = torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None
+    schedule = cfg.schedule()
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.lr_schedule, cfg.epochs))
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     step_model = DistributedDataParallel(model) if world > 1 else model
-    forward_model = torch.compile(step_model) if cfg["compile"] else step_model
+    forward_model = torch.compile(step_model) if cfg.compile else step_model
 
-    start_epoch, history, wall_before = 0, [], 0.0
+    start_epoch, history, wall_before, fork = 0, [], 0.0, None
     ckpt_path = out / "last.pt"
-    if world > 1:
-        dist.barrier()  # rank 0 made the output folder
-    if cfg["resume"] and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, cfg)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        lr_sched.load_state_dict(ckpt["lr_scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
+    resumed = cfg.resume and "last.pt" in found
+    if resumed:
+        ckpt = read_checkpoint(ckpt_path)
+        check_resume(ckpt_path, ckpt, cfg, identity)
+        restore(ckpt_path, ckpt, model, opt, lr_sched, scaler, fork=False)
         start_epoch, history, wall_before = ckpt["epoch"], ckpt["history"], ckpt["wall_time_s"]
-        if lead:
-            print(f"resuming {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
-    elif cfg["resume"] and lead:
-        print(f"--resume: no {ckpt_path} yet, starting from scratch", file=sys.stderr)
+        fork = ckpt.get("fork")
+        note = f"resuming {ckpt_path} at epoch {start_epoch}"
+    elif cfg.fork_from is not None:
+        try:
+            source = snapshot_path(cfg)
+        except ConfigError as exc:  # validated, but gone since
+            raise RunError(str(exc)) from exc
+        ckpt = read_checkpoint(source)
+        start_epoch = check_fork(source, ckpt, cfg, identity)
+        restore(source, ckpt, model, opt, lr_sched, scaler, fork=True)
+        history = [{**row, "inherited": True} for row in ckpt["history"]]
+        wall_before = ckpt["wall_time_s"]
+        fork = {"from": str(source), "epoch": start_epoch}
+        note = f"forking {source} at epoch {start_epoch}"
+    else:
+        note = f"--resume: no {ckpt_path} yet, starting from scratch" if cfg.resume else None
+    for k in cfg.snapshot_epochs:
+        if k < start_epoch and not (out / f"epoch_{k}.pt").exists():
+            raise RunError(f"argument --snapshot-epochs: the run in {out} starts at epoch "
+                           f"{start_epoch}, past {k}, and has no epoch_{k}.pt")
+    if world > 1:
+        dist.barrier()  # every rank has checked the run directory before rank 0 changes it
+    if lead:
+        # Unless this run continues last.pt, the run files found are another run's
+        # (--overwrite, or a --resume that found metrics but no checkpoint): they go.
+        clean_run_dir(out, replace=bool(found) and not resumed)
+        if note:
+            print(note, file=sys.stderr)
 
-    extra_eval = robust_eval(cfg, test) if cfg["eval_robust_every"] else None
-    sharp_batches = sharpness_batches(cfg, train) if cfg["sharpness_every"] else None
+    extra_eval = robust_eval(cfg, test) if cfg.eval_robust_every else None
+    sharp_batches = sharpness_batches(cfg, train) if cfg.sharpness_every else None
     t_run = time.perf_counter()
+
+    def checkpoint(next_epoch: int) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": next_epoch, "config": cfg.record(), "data": data, "world_size": world,
+                "fork": fork, "history": history, "torch_rng": torch.get_rng_state(),
+                "wall_time_s": wall_before + time.perf_counter() - t_run}
+
     from tqdm.auto import tqdm
-    steps = math.ceil(len(train) / cfg["batch_size"])
-    for epoch in range(start_epoch, cfg["epochs"]):
+    steps = math.ceil(len(train) / cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs):
+        if lead and epoch in cfg.snapshot_epochs:
+            save_checkpoint(out / f"epoch_{epoch}.pt", checkpoint(epoch))
         schedule.apply(opt, epoch)
         lr = opt.param_groups[0]["lr"]
-        progress = None if (cfg["quiet"] or not lead) else tqdm(
-            total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']} [{schedule.phase(epoch)}]",
+        progress = None if (cfg.quiet or not lead) else tqdm(
+            total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{schedule.phase(epoch)}]",
             unit="batch", leave=False, disable=None)
         adv = adversarial_inputs(cfg, epoch) if schedule.adversarial_at(epoch) else None
         train_loss, train_acc, seconds, _ = train_epoch(cfg, epoch, forward_model, opt, train,
@@ -580,26 +589,25 @@ def run(cfg: dict) -> dict:
         row = {"epoch": epoch, "phase": schedule.phase(epoch), "lr": lr,
                "train_loss": train_loss, "train_acc": train_acc, "epoch_time_s": seconds,
                "test_loss": None, "test_acc": None}
-        last = epoch == cfg["epochs"] - 1
+        last = epoch == cfg.epochs - 1
         if not lead:
             continue
-        if last or (epoch + 1) % cfg["eval_every"] == 0:
+        if last or (epoch + 1) % cfg.eval_every == 0:
             row["test_loss"], row["test_acc"] = evaluate(cfg, model, test, device)
-        if extra_eval is not None and (last or (epoch + 1) % cfg["eval_robust_every"] == 0):
+        if extra_eval is not None and (last or (epoch + 1) % cfg.eval_robust_every == 0):
             row["robust_acc"] = extra_eval(model)
-        if sharp_batches is not None and (last or (epoch + 1) % cfg["sharpness_every"] == 0):
+        if sharp_batches is not None and (last or (epoch + 1) % cfg.sharpness_every == 0):
             row.update(measure_sharpness(cfg, model, sharp_batches))
         history.append(row)
         write_metrics(out, history)
-        if not cfg["quiet"]:
+        if not cfg.quiet:
             scores = "" if row["test_acc"] is None else \
                 f" test loss {row['test_loss']:.3f} acc {row['test_acc']:.2f}%"
-            print(f"epoch {epoch + 1:3d}/{cfg['epochs']} [{row['phase']}] lr {lr:.4g} "
+            print(f"epoch {epoch + 1:3d}/{cfg.epochs} [{row['phase']}] lr {lr:.4g} "
                   f"train loss {train_loss:.3f} acc {train_acc:.2f}% {seconds:.1f}s{scores}",
                   file=sys.stderr, flush=True)
-        if last or (epoch + 1) % cfg["checkpoint_every"] == 0:
-            save_checkpoint(ckpt_path, _jsonable(cfg), model, opt, lr_sched, epoch + 1, history,
-                            wall_before + time.perf_counter() - t_run)
+        if last or (epoch + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_path, checkpoint(epoch + 1))
 
     if not lead:
         dist.barrier()  # wait for rank 0's last evaluation and files
@@ -608,12 +616,12 @@ def run(cfg: dict) -> dict:
     summary = {
         "test_acc": final["test_acc"], "test_loss": final["test_loss"],
         "train_loss": final["train_loss"], "train_acc": final["train_acc"],
-        "epochs": cfg["epochs"], "sam_epochs": schedule.sam_epochs,
+        "epochs": cfg.epochs, "sam_epochs": schedule.sam_epochs,
         "adversarial_epochs": schedule.adversarial_epochs,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         "wall_time_s": wall_before + time.perf_counter() - t_run,
         "skipped_steps": opt.skipped_steps, "backend": opt.backend, "world_size": world,
-        "config": _jsonable(cfg), "versions": versions(device),
+        "config": cfg.record(), "data": data, "fork": fork, "versions": versions(device),
     }
     for key in ("robust_acc", "sharpness", "hessian_top"):
         if key in final:
@@ -621,23 +629,19 @@ def run(cfg: dict) -> dict:
     atomic_write_bytes(out / "summary.json",
                        lambda f: f.write(json.dumps(summary, indent=1).encode()))
     plot_curves(out / "curves.png", history, schedule,
-                f"{cfg['model']} on {cfg['dataset']}, {cfg['optimizer']} "
-                f"(SAM epochs {schedule.sam_epochs}/{cfg['epochs']})")
+                f"{cfg.model} on {cfg.dataset}, {cfg.optimizer} "
+                f"(SAM epochs {schedule.sam_epochs}/{cfg.epochs})")
     if world > 1:
         dist.barrier()  # the other ranks wait here for rank 0's files
     return summary
-
-
-def _jsonable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
 def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
         summary = run(cfg)
-    except DataError as exc:
-        print(f"samfast-train: data error: {exc}", file=sys.stderr)
+    except (DataError, RunError) as exc:
+        print(f"samfast-train: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
