@@ -41,7 +41,8 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
           "fp16": torch.float16}
 SPILL_FIELDS = ("spill_stores", "spill_loads", "stack")
 # Triton kernels' pointers to one-element flags and scalars, and the reductions' partial sums
-SCALAR_POINTERS = {"scale_ptr", "skip_ptr", "lr_ptr", "started_ptr", "partial_ptr"}
+SCALAR_POINTERS = {"scale_ptr", "skip_ptr", "lr_ptr", "started_ptr", "partial_ptr", "eta_ptr",
+                   "hyper_ptr"}
 
 
 # =============================================================================================
@@ -384,7 +385,11 @@ def test_triton_aligned_variant_moves_128_bits(triton_report, launch, arch):
         assert not wide, row
         return
     assert sized <= divisible, row
-    scalars = {"ascent_": 2, "restore_sgd_": 3}.get(launch.op, 0)
+    # one-element loads: ascent scale, skip (+ eta); sq_norm (eta); restore skip, lr, started
+    # and its float64 hyper-parameters (weight decay; + momentum, dampening)
+    adaptive = "adaptive" in launch.flags
+    scalars = {"ascent_": 2 + adaptive, "sq_norm": int(adaptive), "restore_sgd_": 6}.get(
+        launch.op, 0)
     partials = 1 if launch.op in ("sq_norm", "nonfinite") else 0
     assert "ld" in wide, row
     assert narrow.count("ld") <= scalars, row

@@ -30,26 +30,28 @@ def grid(n: int, block: int = BLOCK) -> tuple[int]:
     return (triton.cdiv(n, block),)
 
 
-def split_fp32(x: float) -> tuple[float, float]:
-    """x = hi + lo with hi, lo fp32: Triton passes Python floats as fp32, which would round
-    hyper-parameters of fp64 buffers (lr = 0.1 -> 0.10000000149); hi + lo carries ~48 bits."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constants(device: torch.device, *values: float) -> torch.Tensor:
+    """``values`` as a float64 tensor on ``device``, which a kernel reads and rounds to its
+    opmath once, as the C++ kernels round their double arguments. Triton passes Python floats
+    as fp32, which would round the hyper-parameters of fp64 buffers (0.9 -> 0.899999976).
+    Cached by value: no host-to-device copy per launch, and none while a CUDA graph captures
+    a step whose hyper-parameters were seen before."""
+    key = (device, values)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return t
 
 
 # One return per jit function: Triton's code generator requires every return of a function to
 # have one type, even under a constexpr condition (two returns, fp64 and fp32, do not compile
 # for a GPU; the interpreter does not notice). A constexpr if/else that assigns one variable
 # emits only the taken branch.
-@triton.jit
-def join_fp32(hi, lo, FP64: tl.constexpr):
-    if FP64:
-        x = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        x = tl.cast(hi, tl.float32) + tl.cast(lo, tl.float32)
-    return x
-
-
 @triton.jit
 def upcast(x, FP64: tl.constexpr):
     """fp16/bf16/fp32 -> fp32, fp64 stays fp64 (the "opmath" type)."""

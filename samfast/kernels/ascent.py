@@ -11,12 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (NO_FMA, NUM_WARPS, block_for, grid, join_fp32, split_fp32, to_storage,
-                      upcast)
+from ._common import NO_FMA, NUM_WARPS, block_for, constants, grid, to_storage, upcast
 
 
 @triton.jit
-def _ascent_kernel(w_ptr, g_ptr, backup_ptr, scale_ptr, skip_ptr, n, eta_hi, eta_lo,
+def _ascent_kernel(w_ptr, g_ptr, backup_ptr, scale_ptr, skip_ptr, n, eta_ptr,
                    ADAPTIVE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -28,7 +27,7 @@ def _ascent_kernel(w_ptr, g_ptr, backup_ptr, scale_ptr, skip_ptr, n, eta_hi, eta
     wf = upcast(w, FP64)
     e = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
     if ADAPTIVE:
-        t = tl.abs(wf) + join_fp32(eta_hi, eta_lo, FP64)
+        t = tl.abs(wf) + upcast(tl.load(eta_ptr), FP64)  # eta: float64 on the device
         e = (t * t) * e
     new = to_storage(wf + e * scale, w_ptr)
     tl.store(w_ptr + offs, tl.where(skip, w, new), mask=mask)
@@ -38,6 +37,6 @@ def ascent_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, scale: torch
             skip: torch.Tensor, adaptive: bool, eta: float) -> None:
     n, block = w.numel(), block_for(w.dtype)
     _ascent_kernel[grid(n, block)](w, g, backup, scale, skip.view(torch.uint8), n,
-                                   *split_fp32(eta), ADAPTIVE=adaptive,
+                                   constants(w.device, eta), ADAPTIVE=adaptive,
                                    FP64=w.dtype == torch.float64, BLOCK=block,
                                    num_warps=NUM_WARPS, **NO_FMA)

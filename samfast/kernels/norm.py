@@ -12,11 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, block_for, grid, join_fp32, split_fp32, upcast
+from ._common import NUM_WARPS, block_for, constants, grid, upcast
 
 
 @triton.jit
-def _sq_norm_kernel(g_ptr, w_ptr, partial_ptr, n, eta_hi, eta_lo,
+def _sq_norm_kernel(g_ptr, w_ptr, partial_ptr, n, eta_ptr,
                     ADAPTIVE: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -24,7 +24,7 @@ def _sq_norm_kernel(g_ptr, w_ptr, partial_ptr, n, eta_hi, eta_lo,
     x = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64)
     if ADAPTIVE:
         w = upcast(tl.load(w_ptr + offs, mask=mask, other=0.0), FP64)
-        x = x * (tl.abs(w) + join_fp32(eta_hi, eta_lo, FP64))
+        x = x * (tl.abs(w) + upcast(tl.load(eta_ptr), FP64))  # eta: float64 on the device
     tl.store(partial_ptr + pid, tl.sum(x * x, axis=0))
 
 
@@ -46,8 +46,9 @@ def sq_norm(g: torch.Tensor, w: torch.Tensor, adaptive: bool, eta: float) -> tor
     n, block = g.numel(), block_for(g.dtype)
     partial = torch.empty(grid(n, block)[0], dtype=torch.float64 if fp64 else torch.float32,
                           device=g.device)
-    _sq_norm_kernel[grid(n, block)](g, w, partial, n, *split_fp32(eta), ADAPTIVE=adaptive,
-                                    FP64=fp64, BLOCK=block, num_warps=NUM_WARPS)
+    _sq_norm_kernel[grid(n, block)](g, w, partial, n, constants(g.device, eta),
+                                    ADAPTIVE=adaptive, FP64=fp64, BLOCK=block,
+                                    num_warps=NUM_WARPS)
     return partial.sum()
 
 

@@ -12,14 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (NO_FMA, NUM_WARPS, block_for, grid, join_fp32, split_fp32, to_storage,
-                      upcast)
+from ._common import NO_FMA, NUM_WARPS, block_for, constants, grid, to_storage, upcast
 
 
 @triton.jit
 def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, lr_ptr, started_ptr, n,
-                        mom_hi, mom_lo, damp_hi, damp_lo, wd_hi, wd_lo,
-                        MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                        hyper_ptr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                         FP64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -30,14 +28,16 @@ def _restore_sgd_kernel(w_ptr, g_ptr, backup_ptr, buf_ptr, skip_ptr, lr_ptr, sta
     lr = tl.load(lr_ptr)  # float64 on the device, rounded once to opmath as the C++ kernels do
     if not FP64:
         lr = lr.to(tl.float32)
+    # hyper: float64 [momentum, dampening, weight_decay], each rounded once to opmath
     d = upcast(tl.load(g_ptr + offs, mask=mask, other=0.0), FP64) + \
-        join_fp32(wd_hi, wd_lo, FP64) * w0
+        upcast(tl.load(hyper_ptr + 2), FP64) * w0
     if MOMENTUM:
-        momentum = join_fp32(mom_hi, mom_lo, FP64)
+        momentum = upcast(tl.load(hyper_ptr), FP64)
         started = tl.load(started_ptr) != 0
         # a uniform predicate: before the buffer has started it is not read at all
         old = upcast(tl.load(buf_ptr + offs, mask=mask & started, other=0.0), FP64)
-        b = tl.where(started, old * momentum + (1 - join_fp32(damp_hi, damp_lo, FP64)) * d, d)
+        dampening = upcast(tl.load(hyper_ptr + 1), FP64)
+        b = tl.where(started, old * momentum + (1 - dampening) * d, d)
         stored = to_storage(b, buf_ptr)
         tl.store(buf_ptr + offs, stored, mask=mask & (skip == 0))
         b = upcast(stored, FP64)  # torch steps with the buffer as stored
@@ -57,6 +57,5 @@ def restore_sgd_(w: torch.Tensor, g: torch.Tensor, backup: torch.Tensor, buf: to
     n, block = w.numel(), block_for(w.dtype)
     _restore_sgd_kernel[grid(n, block)](
         w, g, backup, buf, skip.view(torch.uint8), lr, started.view(torch.uint8), n,
-        *split_fp32(momentum), *split_fp32(dampening), *split_fp32(weight_decay),
-        MOMENTUM=momentum != 0, NESTEROV=nesterov, FP64=w.dtype == torch.float64,
+        constants(w.device, momentum, dampening, weight_decay), MOMENTUM=momentum != 0, NESTEROV=nesterov, FP64=w.dtype == torch.float64,
         BLOCK=block, num_warps=NUM_WARPS, **NO_FMA)
