@@ -210,13 +210,21 @@ class FlatBucket:
         return [(s, e) for s, e, _ in self._ranges([None if m else True for m in mask])]
 
     def mask_tensor(self, mask: list[bool]) -> Tensor:
-        """``mask`` as a bool tensor on the device (cached: masks rarely change)."""
+        """``mask`` as a bool tensor on the device (cached: masks rarely change). Made by fills
+        rather than a copy from the host, which a CUDA graph capture would not allow."""
         key = tuple(mask)
         t = self._mask_tensors.get(key)
         if t is None:
             if len(self._mask_tensors) > 8:
                 self._mask_tensors.clear()
-            t = torch.tensor(mask, dtype=torch.bool).to(self.device)
+            t = torch.zeros(len(mask), dtype=torch.bool, device=self.device)
+            start = None
+            for i, m in enumerate(mask + [False]):
+                if m and start is None:
+                    start = i
+                elif not m and start is not None:
+                    t[start:i].fill_(True)
+                    start = None
             self._mask_tensors[key] = t
         return t
 

@@ -1,8 +1,12 @@
 """CUDA-only checks (skipped cleanly without a GPU; run by bench/gpu_check.sh on a lent one):
-parity of every CUDA backend with the ground truth, CUDA-graph capture of a whole SAM step,
-bitwise run-to-run determinism, and peak memory of exactly one extra parameter-sized buffer."""
+parity of every CUDA backend with the ground truth, CUDA-graph capture of a whole SAM step
+(forward and backward included) and of an optimizer's very first step, a fused AdamW base
+skipping on the device, params on a second device, bitwise run-to-run determinism, and peak
+memory of exactly one extra parameter-sized buffer."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -39,54 +43,137 @@ def _model(seed=0):
                          nn.Linear(32 * 30 * 30, 10)).cuda()
 
 
-def _grads_for(model, step):
+def _batch(step: int, n: int = 16):
     gen = torch.Generator(device="cuda").manual_seed(step)
-    return [torch.randn(p.shape, device="cuda", generator=gen) * 1e-2
-            for p in model.parameters()]
+    return (torch.randn(n, 3, 32, 32, device="cuda", generator=gen),
+            torch.randint(0, 10, (n,), device="cuda", generator=gen))
+
+
+def _sam_step(model, opt, x, y):
+    """A whole SAM step as training runs it: both passes' backward fill the grads (each
+    gradient copied into the flat buffer by the post-accumulate-grad hook)."""
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    opt.zero_grad(set_to_none=True)
+    with samfast.running_stats_disabled(model):
+        F.cross_entropy(model(x), y).backward()
+    opt.second_step()
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_sam_step_is_cuda_graph_capturable(backend):
-    """Captured once, replayed with new gradients and with lr and rho (CUDA tensors) changed
-    in place between replays, as an LR scheduler does: the replays follow eager steps."""
+def test_whole_sam_step_is_cuda_graph_capturable(backend):
+    """Forward, backward, ascent, forward, backward, descent captured once (after eager
+    warm-up on a side stream, as torch.cuda.graphs asks) and replayed with new data and with
+    lr and rho (CUDA tensors) changed in place between replays, as an LR scheduler does: the
+    replays follow eager steps bit for bit."""
     eager, graphed = _model(), _model()
     hyper = [(torch.tensor(0.1, device="cuda"), torch.tensor(0.05, device="cuda"))
              for _ in range(2)]
     opts = [samfast.SAM(m.parameters(), backend=backend, lr=lr, rho=rho, momentum=0.9,
                         nesterov=True) for m, (lr, rho) in zip((eager, graphed), hyper)]
-
-    def step(model, opt, grads):
-        for p, g in zip(model.parameters(), grads):
-            p.grad.copy_(g)
-        opt.first_step()
-        for p, g in zip(model.parameters(), grads):
-            p.grad.add_(g, alpha=0.5)  # "second-pass" gradient
-        opt.second_step()
-
-    for s in range(3):  # warm-up: momentum buffers exist afterwards
-        for m, o in zip((eager, graphed), opts):
-            step(m, o, _grads_for(m, s))
-    static = _grads_for(graphed, 0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(graphed, opts[1], static)
-    torch.cuda.current_stream().wait_stream(stream)
-    # capture recorded the step without running it; replays now run it
-    for s in range(3, 8):
+    static_x, static_y = _batch(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for s in range(3):  # warm-up: momentum buffers exist and kernels are compiled after it
+            x, y = _batch(s)
+            _sam_step(eager, opts[0], x, y)
+            static_x.copy_(x)
+            static_y.copy_(y)
+            _sam_step(graphed, opts[1], static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _sam_step(graphed, opts[1], static_x, static_y)
+    for s in range(3, 8):  # capture recorded the step without running it; replays run it
         for lr, rho in hyper:
             lr.fill_(0.1 * 0.7 ** s)
             rho.fill_(0.05 + 0.01 * s)
-        grads = _grads_for(eager, s)
-        step(eager, opts[0], grads)
+        x, y = _batch(s)
+        _sam_step(eager, opts[0], x, y)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager.parameters(), graphed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_first_optimizer_step_is_capturable(backend):
+    """No host sync and no host-to-device copy even in the step that creates the momentum
+    buffers and their device 'started' flags: a fresh optimizer's first steps captured (the
+    kernels compiled beforehand by another optimizer), with gradients assigned to static
+    tensors, replayed against eager steps."""
+    warm = _model()
+    warm_opt = samfast.SAM(warm.parameters(), backend=backend, lr=0.1, momentum=0.9)
+    _sam_step(warm, warm_opt, *_batch(0))  # compiles the kernels outside the capture
+    eager, graphed = _model(), _model()
+    opts = [samfast.SAM(m.parameters(), backend=backend, lr=0.1, momentum=0.9)
+            for m in (eager, graphed)]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    static = [torch.randn(p.shape, device="cuda", generator=gen) for p in graphed.parameters()]
+    for p, g in zip(graphed.parameters(), static):
+        p.grad = g  # assigned by hand: copied into the flat buffer at each (replayed) step
+
+    def steps(opt):
+        opt.first_step()
+        opt.second_step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        steps(opts[1])
+    for s in range(4):
+        grads = [torch.randn(p.shape, device="cuda", generator=gen) for p in eager.parameters()]
+        for p, g in zip(eager.parameters(), grads):
+            p.grad = g.clone()
+        steps(opts[0])
         for buf, g in zip(static, grads):
             buf.copy_(g)
         graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fused_adamw_base_skips_on_the_device():
+    """A non-finite gradient with a fused AdamW base (fused=True takes the skip flag as
+    found_inf, as from GradScaler): the step is skipped with no host sync and no warning,
+    and the run equals the reference backend's."""
+    import warnings
+    results = []
+    for backend in ("reference", FUSED[0] if FUSED else "reference"):
+        model = _model()
+        opt = samfast.SAM(model.parameters(), backend=backend, lr=1e-3,
+                          base_optimizer=functools.partial(torch.optim.AdamW, fused=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "one CUDA sync per step" warning
+            for s in range(4):
+                x, y = _batch(s)
+                if s == 2:
+                    x[0, 0, 0, 0] = float("nan")
+                _sam_step(model, opt, x, y)
+        assert opt.skipped_steps == 1
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", FUSED)
+def test_params_on_the_second_device(backend):
+    """Params on cuda:1 with cuda:0 current: every launch runs under the params' device."""
+    torch.cuda.set_device(0)
+    models = [_model().to("cuda:1"), _model().to("cuda:1")]
+    opts = [samfast.SAM(m.parameters(), backend=b, lr=0.1, momentum=0.9)
+            for m, b in zip(models, ("reference", backend))]
+    for s in range(3):
+        x, y = (t.to("cuda:1") for t in _batch(s))
+        for m, o in zip(models, opts):
+            _sam_step(m, o, x, y)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", FUSED)

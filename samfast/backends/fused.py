@@ -99,11 +99,12 @@ class FusedBackend:
                 if published and unstarted]
 
     def _flag(self, value: bool, device: torch.device) -> Tensor:
-        """A constant one-element bool tensor on ``device`` (cached)."""
+        """A constant one-element bool tensor on ``device`` (cached; made by a fill, not a
+        copy from the host, so that even a CUDA graph capturing the first step can make it)."""
         key = (device, value)
         t = self._flags.get(key)
         if t is None:
-            t = self._flags[key] = torch.tensor(value, device=device)
+            t = self._flags[key] = torch.full((), value, dtype=torch.bool, device=device)
         return t
 
     # -- the step -----------------------------------------------------------------------------

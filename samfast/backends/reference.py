@@ -74,7 +74,7 @@ def ascent_scale(group: dict, norm: Tensor, cdtype: torch.dtype, device) -> Tens
     elif isinstance(rho, Tensor):
         scale = rho.detach().to(device)
     else:
-        scale = torch.tensor(rho, dtype=torch.float64, device=device)
+        scale = torch.full((), rho, dtype=torch.float64, device=device)
     return scale.to(cdtype).reshape(())  # rho may be a 1-element tensor
 
 
