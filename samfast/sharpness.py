@@ -222,20 +222,30 @@ def _start_vector(n: int, seed: int, device) -> Tensor:
     return v / v.norm()
 
 
+_BASIS_ROWS = 16  # initial capacity of the Lanczos basis, in vectors
+
+
 def _lanczos(op: _HessianOperator, k: int, max_iter: int, tol: float, seed: int, basis_device,
              want_vectors: bool):
     n = op.numel
     max_iter = min(max_iter, n)
     info = SharpnessInfo("lanczos")
     dev = torch.device(basis_device) if basis_device is not None else op.device
-    # The whole basis is one buffer, allocated before the first product: row j is the j-th
-    # Lanczos vector and row j + 1 is where the next one is built, so an iteration copies
-    # nothing and the memory is known (and an out-of-memory error comes) up front.
-    basis = torch.empty(max_iter + 1, n, dtype=torch.float64, device=dev)
+    # The basis is one buffer: row j is the j-th Lanczos vector and row j + 1 is where the
+    # next one is built, so an iteration copies nothing. Its capacity doubles when full
+    # (amortized one copy per row) rather than reserving max_iter + 1 rows up front, which
+    # for a 36M-param model at max_iter 100 would be 29 GiB whether or not Lanczos converged
+    # in 10 iterations: at most 2 x (iterations run + 1) rows are ever held.
+    basis = torch.empty(min(max_iter + 1, _BASIS_ROWS), n, dtype=torch.float64, device=dev)
     basis[0] = _start_vector(n, seed, dev)
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(max_iter):
+        if j + 1 == len(basis):
+            grown = torch.empty(min(max_iter + 1, 2 * len(basis)), n, dtype=torch.float64,
+                                device=dev)
+            grown[:len(basis)] = basis
+            basis = grown
         q, w = basis[j], basis[j + 1]
         w.copy_(op(q.to(op.device)))
         alpha = float(w @ q)
@@ -336,8 +346,9 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: in
             it finds the largest-magnitude eigenvalues, which differ when H has large negative
             ones).
         max_iter: Lanczos iterations (each one Hessian-vector product), or power iterations
-            per eigenvalue. Lanczos allocates its basis for all of them up front:
-            ``(max(max_iter, k) + 1) x num_params`` float64 numbers on ``basis_device``.
+            per eigenvalue. Lanczos keeps its basis in one buffer of float64 rows on
+            ``basis_device`` that doubles when full: at most ``2 x (iterations + 1) x
+            num_params`` numbers, 16 rows at first.
         tol: relative accuracy: an eigenvalue theta has converged when the residual of its
             eigenpair is at most ``tol * |theta|`` (so its error is too); Lanczos stops when
             all ``k`` have. Power iteration stops each eigenvalue by PyHessian's rule (a

@@ -258,10 +258,11 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def test_lanczos_basis_is_one_buffer_allocated_once():
+def test_lanczos_basis_is_one_buffer_that_doubles():
     """Re-stacking the basis every iteration copies it m times (m^2 / 2 vectors) and holds
-    it twice; the basis must be one (max_iter + 1) x n buffer and every other allocation at
-    most one vector."""
+    it twice. The basis must be one buffer of 16 rows that doubles when full (16, 32, 64
+    rows for 40 iterations, capped at max_iter + 1 = 41), and every other allocation at most
+    one vector; a run that converges early holds only its first 16 rows."""
     from samfast.sharpness import _lanczos
     n, max_iter = 3000, 40
     d = torch.linspace(0.0, 1.0, n, dtype=torch.float64)  # dense: no early stop
@@ -270,9 +271,13 @@ def test_lanczos_basis_is_one_buffer_allocated_once():
     assert info.iterations == max_iter and not info.converged
     vector = n * 8
     big = [b for b in allocations.nbytes if b > vector]
-    assert big == [(max_iter + 1) * vector]
-    assert sum(allocations.nbytes) < (max_iter + 1) * vector + 12 * max_iter * vector
+    assert big == [16 * vector, 32 * vector, 41 * vector]
+    assert sum(allocations.nbytes) < (16 + 32 + 41) * vector + 12 * max_iter * vector
     assert 0.99 < float(values[0]) <= 1.0 + 1e-12  # Ritz values lie inside the spectrum
+    few = torch.tensor([3.0, 2.0, 1.0] + [0.0] * (n - 3), dtype=torch.float64)
+    with _Allocations() as allocations:  # an invariant subspace after 4 vectors
+        _lanczos(_DiagonalOperator(few), 1, max_iter, 1e-10, 0, None, False)
+    assert [b for b in allocations.nbytes if b > vector] == [16 * vector]
 
 
 def test_residuals_bound_the_error_and_flag_convergence():
