@@ -460,3 +460,31 @@ def test_closure_convention_matches_pytorch_optimizer_sam():
         # (a gradient counted twice, the convention bug this guards against, gives ~1e-2)
         assert_trees_close(dict(model.named_parameters()), dict(got.named_parameters()),
                            f"params ({backend})", rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_first_step_does_not_start_the_momentum(backend):
+    """torch.optim.SGD starts a buffer as a copy of the first update it applies (not
+    momentum * 0 + (1 - dampening) * d). With the first step skipped (a non-finite gradient),
+    the buffer starts at the next one, and the state dict has no buffer in between: the fused
+    backends keep that decision on the device ('started' flags), with no host sync."""
+    opts = dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=1e-2)
+    want_model = make_net()
+    want = torch.optim.SGD(want_model.parameters(), **opts)
+    model = make_net()
+    opt = samfast.SAM(model.parameters(), backend=backend, **opts)
+    for step in range(4):
+        opt.zero_grad()
+        loss = loss_of(model, step)
+        (loss * float("nan") if step == 0 else loss).backward()
+        opt.base_step()
+        if step == 0:
+            assert opt.skipped_steps == 1
+            assert all("momentum_buffer" not in s for s in opt.state_dict()["state"].values())
+            continue
+        want.zero_grad()
+        loss_of(want_model, step).backward()
+        want.step()
+    assert_trees_close(dict(want_model.named_parameters()), dict(model.named_parameters()),
+                       "params")
+    assert_trees_close(momentum_of(want_model, want), momentum_of(model, opt), "momentum")

@@ -316,3 +316,33 @@ def test_native_16bit_kernels_round_like_torch_on_special_values(dtype):
             d = d + f32(mom) * stored.float() if nesterov else stored.float()
         assert same_bits(ws, (b.float() - f32(lr) * d).to(dtype))
     assert float(torch.ops.samfast.nonfinite(g)) == int((~torch.isfinite(g)).sum())
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_nonfinite_counts_fp64_in_fp64(backend):
+    """Finite fp64 values beyond fp32's range are finite (a cast to fp32 made them inf)."""
+    ops = ops_of(backend)
+    g = torch.tensor([1e300, -1e300, 3.5e38, 1e-320, 0.0, float("inf"), float("nan")],
+                     dtype=torch.float64)
+    assert float(ops.nonfinite(g)) == 2
+    assert float(ops.nonfinite(g[:5])) == 0
+
+
+@pytest.mark.skipif("native" not in FUSED, reason="samfast._C not built")
+def test_native_checks_its_flag_and_scale_arguments():
+    """skip/started must be one-element bool tensors and scale a one-element opmath tensor on
+    the buffers' device: anything else is refused, not read as garbage."""
+    w, g, b, m = (torch.randn(64) for _ in range(4))
+    C = torch.ops.samfast
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    ok = torch.tensor(False)
+    with pytest.raises(RuntimeError, match="skip must be a one-element bool"):
+        C.ascent_(w, g, b, torch.tensor(0.1), torch.tensor(0.0), False, 0.0)
+    with pytest.raises(RuntimeError, match="scale must be a one-element"):
+        C.ascent_(w, g, b, torch.tensor(0.1, dtype=torch.float64), ok, False, 0.0)
+    with pytest.raises(RuntimeError, match="scale must be a one-element"):
+        C.ascent_(w, g, b, torch.tensor([0.1, 0.2]), ok, False, 0.0)
+    with pytest.raises(RuntimeError, match="started must be a one-element bool"):
+        C.restore_sgd_(w, g, b, m, ok, lr, 0.9, 0.0, 0.0, False, torch.tensor([True, True]))
+    with pytest.raises(RuntimeError, match="lr must be a one-element float64"):
+        C.restore_sgd_(w, g, b, m, ok, torch.tensor(0.1), 0.9, 0.0, 0.0, False, ok)
