@@ -91,28 +91,67 @@ SETTINGS = {
         "seeds": (1, "choice"),
     },
 }
+# The generalization experiment (issue #16): a regime where the paper's test-error claim can
+# show on this CPU, near interpolation (SGD ends at >= 97% train accuracy), with the full
+# 10,000-image test set, a step schedule like the paper's and five seeds; the SGD -> SAM runs
+# are forked from their seed's SGD run at the switch epoch (the paired design: identical to it
+# up to the switch, bit for bit). These settings replace the scale's own where they are given
+# (the small scale's 10k-image, 20-epoch runs are the under-trained regime of the sharpness
+# experiments); the full scale keeps the paper's.
+GENERALIZATION = {
+    "full": {"seeds": (5, "paper, Figure 1 (five seeds)")},
+    "small": {
+        "model": ("small_cnn", "choice: the pilot (bench/results/generalization-pilot-*)"),
+        "train_subset": (2500, "choice: the pilot; small enough to interpolate on this CPU"),
+        "test_subset": (None, "issue #16: the full 10,000-image test set"),
+        "augment": ("none", "choice: the pilot; interpolation within the CPU budget"),
+        "epochs": (80, "choice: the pilot"),
+        "lr": (0.1, "choice"), "weight_decay": (5e-4, "code: the WRN recipe"),
+        "lr_schedule": ("step_wrn", "code: x0.2 at 30/60/80% (the paper's step schedule)"),
+        "rho": (0.1, "choice: the pilot"),
+        "eval_every": (20, "choice: the test set at 4 points and the end"),
+        "sharpness_every": (80, "choice: at the end of training"),
+        "sharpness_samples": (1024, "choice"), "sharpness_k": (2, "code: top-2"),
+        "sharpness_iters": (20, "choice"),
+        "seeds": (5, "issue #16: >= 5 seeds"),
+    },
+    "smoke": {"epochs": (4, "choice"), "seeds": (2, "choice: paired differences need two")},
+}
+# SGD -> SAM for the last 25% and the last 10% of the epochs (issue #16).
+LATE_FRACTIONS = (0.25, 0.10)
 GRID_KEYS = ("late_switch_epoch", "rho_asam", "rho_usam", "seeds")
-EXPERIMENTS = ("late_switch", "switch_sweep", "early_sam", "variants", "adversarial")
+EXPERIMENTS = ("late_switch", "switch_sweep", "early_sam", "variants", "adversarial",
+               "generalization")
 
 
-def _value(scale: str, key: str):
-    return SETTINGS[scale][key][0]
+def scale_settings(scale: str, experiment: str | None = None) -> dict:
+    """The scale's settings, with the generalization experiment's replacing them there."""
+    chosen = dict(SETTINGS[scale])
+    if experiment == "generalization":
+        chosen.update(GENERALIZATION[scale])
+    return chosen
 
 
-def base_args(scale: str, data_dir: str | None) -> list[str]:
-    """The samfast-train flags every run of the scale shares."""
-    trainer_settings = {k: v for k, (v, _) in SETTINGS[scale].items() if k not in GRID_KEYS}
+def _value(scale: str, key: str, experiment: str | None = None):
+    return scale_settings(scale, experiment)[key][0]
+
+
+def base_args(scale: str, data_dir: str | None, experiment: str | None = None) -> list[str]:
+    """The samfast-train flags every run of the scale (and experiment) shares."""
+    trainer_settings = {k: v for k, (v, _) in scale_settings(scale, experiment).items()
+                        if k not in GRID_KEYS}
     args = config.to_argv(trainer_settings) + ["--quiet"]
     if data_dir:
         args += ["--data-dir", data_dir]
     return args
 
 
-def settings_record(scale: str, data_dir: str | None) -> dict[str, dict]:
+def settings_record(scale: str, data_dir: str | None,
+                    experiment: str | None = None) -> dict[str, dict]:
     """settings.json: every trainer setting that affects the result (as a run of the scale
     gets it) and every grid setting, each with its value and source."""
-    cfg = config.config_from_flags(base_args(scale, data_dir)).record()
-    chosen = SETTINGS[scale]
+    cfg = config.config_from_flags(base_args(scale, data_dir, experiment)).record()
+    chosen = scale_settings(scale, experiment)
     record = {}
     for f in fields(config.RunConfig):
         if config.affects(f.name) is config.Affects.NOTHING:
@@ -121,14 +160,33 @@ def settings_record(scale: str, data_dir: str | None) -> dict[str, dict]:
                   else config.source(f.name) or "samfast-train default")
         record[f.name] = {"value": cfg[f.name], "source": source}
     for key in GRID_KEYS:
-        record[key] = {"value": chosen[key][0], "source": chosen[key][1]}
+        if key in chosen:
+            record[key] = {"value": chosen[key][0], "source": chosen[key][1]}
+    if experiment == "generalization":
+        record["late_fractions"] = {"value": list(LATE_FRACTIONS),
+                                    "source": "issue #16: the last 25% and 10% of the epochs"}
     return record
+
+
+def switch_epochs(scale: str) -> list[int]:
+    """The generalization experiment's switch epochs: SAM for the last 25% / 10%."""
+    epochs = _value(scale, "epochs", "generalization")
+    return sorted({epochs - max(1, round(f * epochs)) for f in LATE_FRACTIONS})
+
+
+def forks_of(experiment: str, scale: str) -> dict[str, tuple[str, int]]:
+    """Run name -> (run it forks from, epoch): the late switches share their seed's SGD run
+    up to the switch (generalization experiment)."""
+    if experiment != "generalization":
+        return {}
+    return {f"SGD->SAM@{k}": ("SGD", k) for k in switch_epochs(scale)}
 
 
 def runs_of(experiment: str, scale: str) -> dict[str, list[str]]:
     """Run name -> extra trainer flags."""
     epochs = _value(scale, "epochs")
-    late = _value(scale, "late_switch_epoch")
+    late = _value(scale, "late_switch_epoch", experiment) if experiment != "generalization" \
+        else None
     if experiment == "late_switch":
         return {"SGD": ["--optimizer", "sgd"], "SAM": ["--optimizer", "sam"],
                 f"SGD->SAM@{late}": ["--optimizer", "sam", "--sam-start", str(late)]}
@@ -148,16 +206,46 @@ def runs_of(experiment: str, scale: str) -> dict[str, list[str]]:
         common = ["--optimizer", "sgd", "--eval-robust-every", str(epochs)]
         return {"standard": common, "full AT": common + ["--adv-start", "0"],
                 f"AT@{late}": common + ["--adv-start", str(late)]}
+    if experiment == "generalization":
+        ks = switch_epochs(scale)
+        return {"SGD": ["--optimizer", "sgd", "--snapshot-epochs", ",".join(map(str, ks))],
+                "SAM": ["--optimizer", "sam"],
+                **{f"SGD->SAM@{k}": ["--optimizer", "sam", "--sam-start", str(k)] for k in ks}}
     raise ValueError(f"Invalid experiment: {experiment!r} (choose from {', '.join(EXPERIMENTS)})")
 
 
-def _mean_std(values: list[float]) -> str:
+# Two-sided 95% quantiles of Student's t by degrees of freedom (the normal's 1.960 beyond 30).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (table; the next
+    smaller tabulated df, which errs wide)."""
+    if df > 30:
+        return 1.960
+    return _T95[max(k for k in _T95 if k <= df)]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, int]:
+    """(mean, half-width of its 95% t-interval, n); the half-width is nan for n = 1."""
     values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return values[0], math.nan, 1
+    return statistics.mean(values), t95(n - 1) * statistics.stdev(values) / math.sqrt(n), n
+
+
+def _mean_ci(values: list[float], digits: int = 2) -> str:
+    """'mean ± half-width of the 95% interval (n=k)'; a single run is shown as itself."""
+    mean, half, n = mean_ci(values)
+    if n == 0:
         return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    if n == 1:
+        return f"{mean:.{digits}f} (n=1)"
+    return f"{mean:.{digits}f} ± {half:.{digits}f} (n={n})"
 
 
 def summarize(root: Path, runs: dict, seeds: int) -> str:
@@ -168,12 +256,13 @@ def summarize(root: Path, runs: dict, seeds: int) -> str:
                 for k in range(seeds)]
         rows.append("| " + " | ".join([
             name, str(sums[0]["sam_epochs"]), str(sums[0].get("adversarial_epochs", 0)),
-            _mean_std([100 - s["test_acc"] for s in sums]),
-            _mean_std([s["test_loss"] for s in sums]),
-            _mean_std([s.get("sharpness") for s in sums]),
-            _mean_std([s.get("robust_acc") for s in sums]),
-            _mean_std([s["wall_time_s"] for s in sums])]) + " |")
-    return "\n".join(rows)
+            _mean_ci([100 - s["test_acc"] for s in sums]),
+            _mean_ci([s["test_loss"] for s in sums], 3),
+            _mean_ci([s.get("sharpness") for s in sums], 1),
+            _mean_ci([s.get("robust_acc") for s in sums], 1),
+            _mean_ci([s["wall_time_s"] for s in sums], 0)]) + " |")
+    return ("Each cell: mean ± half-width of its 95% t-interval over seeds (n = seeds).\n\n"
+            + "\n".join(rows))
 
 
 def plot(root: Path, runs: dict, seeds: int, experiment: str) -> None:
@@ -213,20 +302,23 @@ EPOCH_COST = {"sgd": 1.0, "sam": 2.0, "adversarial": 7.1}
 def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = None) -> str:
     """The grid's cost in SGD-epoch equivalents (and hours, given one SGD epoch's seconds on
     the target machine), per experiment and for all of them with shared runs counted once."""
-    seeds = _value(scale, "seeds")
     rows = ["| experiment | runs x seeds | SAM epochs | AT epochs | SGD-epoch equivalents | "
             "hours |", "|---|---|---|---|---|---|"]
     seen: dict[str, float] = {}
     for experiment in experiments:
+        seeds = _value(scale, "seeds", experiment)
         cost, sam, adv, runs = 0.0, 0, 0, runs_of(experiment, scale)
-        for flags in runs.values():
-            argv = base_args(scale, None) + flags
+        forks = forks_of(experiment, scale)
+        for name, flags in runs.items():
+            argv = base_args(scale, None, experiment) + flags
             cfg = config.config_from_flags(argv)
             sched = cfg.schedule()
             epochs = cfg.epochs
             n_sam, n_adv = sched.sam_epochs, sched.adversarial_epochs
             c = (epochs - n_sam - n_adv + (n_sam * EPOCH_COST["sam"])
                  + n_adv * EPOCH_COST["adversarial"])
+            if name in forks:  # the epochs before the fork are the source run's
+                c -= forks[name][1]
             cost += c * seeds
             sam += n_sam * seeds
             adv += n_adv * seeds
@@ -272,6 +364,123 @@ def plot_vs_switch(root: Path, runs: dict, seeds: int, experiment: str) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(root / "vs_switch.png", dpi=110)
+    plt.close(fig)
+
+
+def _seed_results(run_dir: Path) -> dict:
+    """One finished run of the generalization grid, reduced to what its report needs. A
+    forked run's first rows are its source's (``inherited``): its own cost starts there."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    own = [r for r in rows if not r.get("inherited")]
+    sam = [r for r in rows if r["phase"].startswith("sam")]
+    top = (summary.get("hessian_top") or []) + [math.nan, math.nan]
+    return {"error": 100 - summary["test_acc"], "train_acc": summary["train_acc"],
+            "test_images": summary["config"].get("test_subset") or 10_000,
+            "top1": top[0], "top2": top[1], "epochs": len(rows), "sam_epochs": len(sam),
+            "own_epochs": len(own), "own_sam_epochs": sum(r in sam for r in own),
+            "own_train_s": sum(r["epoch_time_s"] for r in own),
+            "sgd_epoch_s": [r["epoch_time_s"] for r in own if r["phase"] == "sgd"],
+            "sam_epoch_s": [r["epoch_time_s"] for r in own if r["phase"] == "sam"],
+            "forked_at": (summary.get("fork") or {}).get("epoch")}
+
+
+def _share_recovered(sgd: list[float], sam: list[float], late: list[float],
+                     resamples: int = 10_000) -> tuple[float, float, float]:
+    """How much of full SAM's gain over SGD (in test error) the late switch recovers:
+    mean(sgd - late) / mean(sgd - sam), with a 95% percentile interval from resampling the
+    seeds (paired: a seed's three runs stay together). nan where SAM gains nothing."""
+    import random
+    n = len(sgd)
+
+    def ratio(idx) -> float:
+        gain = sum(sgd[i] - sam[i] for i in idx)
+        return sum(sgd[i] - late[i] for i in idx) / gain if gain > 0 else math.nan
+    point = ratio(range(n))
+    rng = random.Random(0)
+    draws = sorted(r for r in (ratio([rng.randrange(n) for _ in range(n)])
+                               for _ in range(resamples)) if not math.isnan(r))
+    if math.isnan(point) or len(draws) < resamples // 2:
+        return point, math.nan, math.nan
+    return point, draws[int(0.025 * len(draws))], draws[int(0.975 * len(draws)) - 1]
+
+
+def report_generalization(root: Path, runs: dict, seeds: int, scale: str) -> str:
+    """results.md, results.json and figure.png of the generalization experiment: test error
+    with 95% intervals, paired differences from SGD, the share of full SAM's gain that each
+    late switch recovers, the top-2 Hessian eigenvalues, time and cost."""
+    res = {name: [_seed_results(root / _slug(name) / f"seed{k}") for k in range(seeds)]
+           for name in runs}
+    epochs = res["SGD"][0]["epochs"]
+    err = {name: [r["error"] for r in rs] for name, rs in res.items()}
+
+    def cell(values, digits=2):
+        return _mean_ci(values, digits).replace(f" (n={seeds})", "")
+    sgd_epoch = statistics.median(t for r in res["SGD"] for t in r["sgd_epoch_s"])
+    sam_times = [t for r in res["SAM"] for t in r["sam_epoch_s"]]
+    sam_ratio = statistics.median(sam_times) / sgd_epoch
+    rows = ["| run | SAM epochs | train acc % | test error % | vs SGD (paired) | λ1 | λ2 | "
+            "own train time s | cost, SGD-epoch eq. (own) |", "|---" * 9 + "|"]
+    for name, rs in res.items():
+        diff = "—" if name == "SGD" else cell([a - b for a, b in zip(err[name], err["SGD"])])
+        own_cost = rs[0]["own_epochs"] + rs[0]["own_sam_epochs"] * (sam_ratio - 1)
+        total_cost = epochs + rs[0]["sam_epochs"] * (sam_ratio - 1)
+        cost = (f"{total_cost:.1f} ({own_cost:.1f})" if rs[0]["forked_at"] is not None
+                else f"{total_cost:.1f}")
+        rows.append("| " + " | ".join([
+            name, str(rs[0]["sam_epochs"]), cell([r["train_acc"] for r in rs]), cell(err[name]),
+            diff, cell([r["top1"] for r in rs], 1), cell([r["top2"] for r in rs], 1),
+            cell([r["own_train_s"] for r in rs], 0), cost]) + " |")
+    shares = []
+    for name in runs:
+        if name.startswith("SGD->SAM@"):
+            point, lo, hi = _share_recovered(err["SGD"], err["SAM"], err[name])
+            interval = f"[{lo:.0%}, {hi:.0%}]" if not math.isnan(lo) else "(interval undefined)"
+            shares.append(f"- {name}: {point:.0%} {interval}" if not math.isnan(point) else
+                          f"- {name}: undefined (full SAM does not lower the mean error)")
+    gain_mean, gain_half, _ = mean_ci([a - b for a, b in zip(err["SGD"], err["SAM"])])
+    text = "\n".join([
+        f"Test error on {res['SGD'][0]['test_images']:,} test images; each cell: mean ± half-width of the 95% "
+        f"t-interval over {seeds} seeds; 'vs SGD' is the paired difference (same seed: same "
+        f"initialization, data order and, for the late switches, the very same SGD run up to "
+        f"the switch). λ1, λ2: top Hessian eigenvalues of the training loss. Cost: SGD-epoch "
+        f"equivalents with a SAM epoch at its measured {sam_ratio:.2f}x an SGD epoch; in "
+        f"parentheses, what a forked run adds to its SGD run.", "", *rows, "",
+        f"Full SAM's gain over SGD: {gain_mean:.2f} ± {gain_half:.2f} points of test error. "
+        "Share of it recovered by each late switch (95% interval from resampling seeds):",
+        *shares])
+    (root / "results.md").write_text(f"# generalization ({scale}, {seeds} seeds)\n\n{text}\n")
+    (root / "results.json").write_text(json.dumps(res, indent=1))
+    _plot_generalization(root, res, epochs)
+    return text
+
+
+def _plot_generalization(root: Path, res: dict, epochs: int) -> None:
+    """Test error and top eigenvalue against the number of final SAM epochs (0: SGD, all:
+    full SAM), mean with 95% interval and each seed's runs joined (the pairing)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(res, key=lambda name: res[name][0]["sam_epochs"])
+    xs = [res[name][0]["sam_epochs"] for name in order]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "error", "test error (%)"),
+                           (axes[1], "top1", "top Hessian eigenvalue")):
+        seeds = len(res[order[0]])
+        for k in range(seeds):
+            ax.plot(xs, [res[name][k][key] for name in order], color="gray", alpha=0.35, lw=1)
+        stats = [mean_ci([r[key] for r in res[name]]) for name in order]
+        ax.errorbar(xs, [m for m, _, _ in stats], yerr=[h for _, h, _ in stats], marker="o",
+                    capsize=4, color="C0", lw=2, label=f"mean, 95% interval ({seeds} seeds)")
+        ax.set(xlabel=f"SAM epochs at the end of training (of {epochs}; 0 = SGD)", ylabel=label)
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("test error: SGD -> SAM switched late")
+    axes[1].set_title("sharpness at the end of training")
+    fig.tight_layout()
+    fig.savefig(root / "figure.png", dpi=110)
     plt.close(fig)
 
 
@@ -344,13 +553,15 @@ def reproduce(args, data_dir: str | None, seeds: int) -> str:
     """Plan every run, check every run directory, then train what is missing; the table."""
     root = Path(args.out) / args.scale / args.experiment
     runs = runs_of(args.experiment, args.scale)
+    forks = forks_of(args.experiment, args.scale)
     extra = ["--device", args.device] if args.device else []
     fingerprint = _Fingerprints()
     plan, conflicts = [], []
     for name, flags in runs.items():
         for seed in range(seeds):
             out = root / _slug(name) / f"seed{seed}"
-            argv = base_args(args.scale, data_dir) + flags + ["--seed", str(seed)] + extra
+            argv = (base_args(args.scale, data_dir, args.experiment) + flags
+                    + ["--seed", str(seed)] + extra)
             cfg = config.config_from_flags(argv)
             identity = config.run_identity(cfg, fingerprint(cfg), args.torchrun)
             status, old_cfg, old = _recorded(out)
@@ -364,8 +575,8 @@ def reproduce(args, data_dir: str | None, seeds: int) -> str:
                        f"under {root} hold runs of another configuration (give another --out, "
                        f"or remove them); {conflicts[0]}")
     root.mkdir(parents=True, exist_ok=True)
-    (root / "settings.json").write_text(json.dumps(settings_record(args.scale, data_dir),
-                                                   indent=1))
+    (root / "settings.json").write_text(json.dumps(
+        settings_record(args.scale, data_dir, args.experiment), indent=1))
     finished = _finished_elsewhere(root.parent)
     for name, seed, out, argv, key, status in plan:
         if status == "finished":
@@ -378,9 +589,18 @@ def reproduce(args, data_dir: str | None, seeds: int) -> str:
                 shutil.rmtree(out)
             shutil.copytree(finished[key], out)
         else:
-            print(f"run  {name} seed {seed}", file=sys.stderr, flush=True)
-            _run_one(argv + ["--out", str(out), "--resume"], args.torchrun)
+            source = None
+            if name in forks:  # from the SGD run's snapshot, if that run kept it
+                from_name, epoch = forks[name]
+                snap = root / _slug(from_name) / f"seed{seed}" / f"epoch_{epoch}.pt"
+                source = snap if snap.exists() else None
+            how = f"forked from {source}" if source else "from scratch"
+            print(f"run  {name} seed {seed} ({how})", file=sys.stderr, flush=True)
+            _run_one(argv + ["--out", str(out), "--resume"]
+                     + (["--fork-from", str(source)] if source else []), args.torchrun)
             finished.setdefault(key, out)
+    if args.experiment == "generalization":
+        return report_generalization(root, runs, seeds, args.scale)
     table = summarize(root, runs, seeds)
     (root / "results.md").write_text(f"# {args.experiment} ({args.scale}, {seeds} seeds)\n\n"
                                      f"{table}\n")
@@ -419,7 +639,8 @@ def main(argv=None) -> int:
     if data_dir is None and args.scale == "smoke":
         from samfast.cifar.demo import DEMO_DATA
         data_dir = str(DEMO_DATA)
-    seeds = args.seeds if args.seeds is not None else _value(args.scale, "seeds")
+    seeds = args.seeds if args.seeds is not None else _value(args.scale, "seeds",
+                                                                   args.experiment)
     from samfast.cifar.data import DataError
     from samfast.cifar.train import RunError
     try:

@@ -61,11 +61,12 @@ def test_estimate_counts_epochs_by_their_measured_cost_and_shared_runs_once():
 @pytest.mark.parametrize("scale", reproduce.SETTINGS)
 def test_every_run_gets_the_scales_settings_and_settings_json_names_every_source(scale):
     from samfast.cifar import config
-    chosen = {k: v for k, (v, _) in reproduce.SETTINGS[scale].items()
-              if k not in reproduce.GRID_KEYS}
     for experiment in reproduce.EXPERIMENTS:
+        chosen = {k: v for k, (v, _) in reproduce.scale_settings(scale, experiment).items()
+                  if k not in reproduce.GRID_KEYS}
         for flags in reproduce.runs_of(experiment, scale).values():
-            cfg = config.config_from_flags(reproduce.base_args(scale, None) + flags).record()
+            cfg = config.config_from_flags(reproduce.base_args(scale, None, experiment)
+                                           + flags).record()
             # a run's own flags override only what the experiment varies
             kept = {k: v for k, v in chosen.items() if k not in ("rho",)}
             assert {k: cfg[k] for k in kept} == kept
@@ -75,3 +76,40 @@ def test_every_run_gets_the_scales_settings_and_settings_json_names_every_source
     assert set(reproduce.GRID_KEYS) <= set(record)
     assert all(entry["source"] for entry in record.values())
     assert record["momentum"]["value"] == 0.9 and record["augment"]["value"] == "crop_flip"
+
+
+def test_smoke_generalization_forks_the_late_switches_and_reports_intervals(tmp_path, capsys):
+    """The issue-#16 grid: each late switch is forked from its seed's SGD run at the switch
+    epoch (the same SGD epochs bit for bit: inherited rows equal the SGD run's), and the
+    report gives 95% intervals, paired differences and the share of SAM's gain recovered."""
+    assert reproduce.main(["generalization", "--scale", "smoke", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    root = tmp_path / "smoke" / "generalization"
+    (k,) = reproduce.switch_epochs("smoke")
+    for seed in (0, 1):
+        assert f"SGD->SAM@{k} seed {seed} (forked from" in err
+        sgd = [json.loads(r) for r in
+               (root / "SGD" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        late = [json.loads(r) for r in
+                (root / f"SGD__SAM_{k}" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r.pop("inherited") for r in late[:k]] == [True] * k
+        assert late[:k] == sgd[:k] and [r["phase"] for r in late[k:]] == ["sam"] * (4 - k)
+        summary = json.loads((root / f"SGD__SAM_{k}" / f"seed{seed}" / "summary.json").read_text())
+        assert summary["fork"]["epoch"] == k
+    text = (root / "results.md").read_text()
+    assert "95% t-interval over 2 seeds" in text and "vs SGD (paired)" in text
+    assert f"SGD->SAM@{k}:" in text and (root / "figure.png").exists()
+    assert set(json.loads((root / "results.json").read_text())) == {"SGD", "SAM", f"SGD->SAM@{k}"}
+    settings = json.loads((root / "settings.json").read_text())
+    assert settings["epochs"]["value"] == 4 and settings["late_fractions"]["value"] == [0.25, 0.1]
+
+
+def test_intervals_and_share_recovered():
+    mean, half, n = reproduce.mean_ci([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and abs(half - 4.303 * 1.0 / 3 ** 0.5) < 1e-9
+    assert reproduce.mean_ci([5.0])[2] == 1 and reproduce.mean_ci([])[2] == 0
+    sgd, sam = [30.0, 31.0, 29.0, 30.5, 30.0], [28.0, 29.0, 27.5, 28.0, 28.5]
+    half_way = [(a + b) / 2 for a, b in zip(sgd, sam)]
+    point, lo, hi = reproduce._share_recovered(sgd, sam, half_way)
+    assert abs(point - 0.5) < 1e-12 and lo <= 0.5 <= hi
+    assert reproduce._share_recovered(sgd, sgd, sam)[0] != reproduce._share_recovered(sgd, sgd, sam)[0]  # nan: no gain
