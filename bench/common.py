@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -22,21 +23,36 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def provenance() -> dict:
+    """Which source produced a result: ``commit`` (short hash, ``-dirty`` when the tree differs
+    from it), ``clean_tree`` (no modified tracked file and no untracked file that is not
+    ignored: both travel to a lent GPU and are measured), and the source fingerprint.
+
+    bench/gpu_check.sh exports SAMFAST_COMMIT / SAMFAST_CLEAN_TREE / SAMFAST_TREE_FINGERPRINT
+    (from git, or from its stamp where the tree was copied without .git): they win over git."""
+    commit, clean = os.environ.get("SAMFAST_COMMIT"), os.environ.get("SAMFAST_CLEAN_TREE")
+    if commit is None:
+        here = Path(__file__).parent
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=here, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                                   text=True, cwd=here, check=True).stdout.strip()
+            clean = "0" if dirty else "1"
+            commit += "-dirty" if dirty else ""
+        except (OSError, subprocess.CalledProcessError):  # not a checkout
+            commit = "unknown"
+    return {"commit": commit,
+            "clean_tree": {"1": True, "0": False}.get(clean or ""),
+            "tree_fingerprint": os.environ.get("SAMFAST_TREE_FINGERPRINT")}
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - triton is optional
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent,
-                               check=True).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except Exception:  # noqa: BLE001 - not a checkout
-        commit = "unknown"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -48,9 +64,17 @@ def environment(device: torch.device) -> dict:
                     break
         except OSError:
             pass
-    return {"device": name, "device_type": device.type, "torch": torch.__version__,
-            "triton": triton_version, "python": platform.python_version(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    env = {"device": name, "device_type": device.type, "torch": torch.__version__,
+           "torch_cuda": torch.version.cuda, "triton": triton_version,
+           "python": platform.python_version(), **provenance(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:  # which install was measured (bench/gpu_check.sh: its scratch target dir)
+        import samfast
+        env["samfast"] = samfast.__version__
+        env["samfast_file"] = samfast.__file__
+    except ImportError:  # bench_cpu_streams needs no samfast
+        pass
+    return env
 
 
 def _sync(device: torch.device) -> None:
@@ -125,3 +149,22 @@ def write_results(stem: str, env: dict, markdown: str, raw: dict, out_dir: Path 
     base.with_suffix(".md").write_text(f"# {stem}\n\n{header}\n\n{markdown}\n")
     base.with_suffix(".json").write_text(json.dumps({"env": env, "raw": raw}, indent=1))
     return base.with_suffix(".md")
+
+
+def median_interval(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, coverage): the distribution-free confidence interval of the median from
+    order statistics (binomial with p = 1/2): the widest-needed pair x_(k), x_(n+1-k) whose
+    coverage is at least ``level``; with too few samples for that, (min, max) and the coverage
+    it has (n = 5: 94%, n = 2: 50%)."""
+    xs = sorted(xs)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no samples")
+    cdf, below = [], 0.0  # cdf[j] = P(Binomial(n, 1/2) <= j)
+    for j in range(n + 1):
+        below += math.comb(n, j) / 2 ** n
+        cdf.append(below)
+    k = 1  # 1-based rank of the lower bound; coverage = 1 - 2 P(B <= k - 1)
+    while k + 1 <= (n + 1) // 2 and 1 - 2 * cdf[k] >= level:
+        k += 1
+    return xs[k - 1], xs[n - k], 1 - 2 * cdf[k - 1]
