@@ -4,22 +4,29 @@ For the parameter lists of CIFAR models, side by side in one interleaved run:
   * samfast.SAM with every available backend (SGD base, momentum 0.9, nesterov, wd 5e-4),
   * LoopSAM: the per-tensor Python loop of davda54/sam (the baseline users have today),
   * ForeachSAM: the same algorithm with torch._foreach_* calls,
-  * torch.optim.SGD(fused=True) alone: one SGD step, the floor (a SAM step must move about
-    twice the bytes of an SGD step),
+  * pytorch-optimizer's SAM with foreach=True, when pytorch_optimizer is importable (its
+    foreach path takes fp32/fp64 only: 16-bit parameters run its per-tensor loop),
+  * torch.optim.SGD(fused=True) alone: one SGD step, the floor (a SAM step moves 2.2x the
+    bytes of an SGD step, see below),
   * a plain device copy of a parameter-sized buffer, for the memory bandwidth of this run,
   * a read pass (sum) over one (the norm and the finiteness check are such passes).
 
-Effective bandwidth = bytes that must move / time, in units of one parameter-sized buffer P:
-a SAM step with SGD-momentum must move 10 P (norm reads g; ascent reads w, g and writes backup,
-w; restore + SGD reads backup, g, momentum and writes w, momentum), an SGD step 5 P, a copy 2 P.
+Effective bandwidth = bytes that must move / time, in units of one parameter-sized buffer P.
+samfast's SAM step with SGD-momentum moves 11 P (samfast/backends/fused.py): norm 1 (read g),
+ascent 4 (read w, g; write backup, w), finiteness check of the second gradients 1 (read g),
+restore + SGD 5 (read backup, g, momentum; write w, momentum); 7 P of it are reads. An SGD
+step moves 5 P (3 read), a copy 2 P, a read pass 1 P. Every SAM row is divided by the same
+11 P (the baselines skip the finiteness check and move other amounts), so its GB/s ranks the
+rows by time; "of copy" is that GB/s over the copy's, the fraction of this run's bandwidth.
 
     python bench/bench_optimizer_step.py [--models wrn16_8 resnet20] [--device cpu]
-        [--dtype fp32|bf16|fp16] [--save]
+        [--dtype fp32|bf16|fp16] [--rounds 15] [--save]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -58,7 +65,14 @@ def implementations(model_name: str, device: torch.device,
             opt.first_step()
             opt.second_step()
         fns[f"samfast[{backend}]"] = sam_step
-    for name, cls in (("loop (davda54)", LoopSAM), ("foreach", ForeachSAM)):
+    baselines = [("loop (davda54)", LoopSAM), ("foreach", ForeachSAM)]
+    try:
+        import pytorch_optimizer
+        baselines.append(("pytorch-optimizer SAM (foreach=True)", functools.partial(
+            pytorch_optimizer.SAM, base_optimizer=torch.optim.SGD, foreach=True)))
+    except ImportError:
+        print("pytorch_optimizer is not importable: its SAM is not timed", flush=True)
+    for name, cls in baselines:
         base = cls(fresh_params(model_name, device, dtype=dtype), **SGD)
 
         def base_step(base=base):
@@ -76,9 +90,10 @@ def implementations(model_name: str, device: torch.device,
     return fns
 
 
-# Parameter-sized buffers each implementation must read + write (see the module docstring).
+# Parameter-sized buffers each implementation must read + write (see the module docstring);
+# every other row is a SAM step: 11.
 MUST_MOVE = {"SGD(fused) alone": 5, "copy (bandwidth)": 2, "read pass (sum)": 1}
-SAM_MUST_MOVE = 10
+SAM_MUST_MOVE = 11
 
 
 def main(argv=None) -> None:
@@ -104,12 +119,21 @@ def main(argv=None) -> None:
         loop = median(samples["loop (davda54)"])
         floor = median(samples["SGD(fused) alone"])
         param_bytes = n_params * dtype.itemsize
-        rows = []
+        copy_gbps = MUST_MOVE["copy (bandwidth)"] * param_bytes / median(
+            samples["copy (bandwidth)"]) / 1e9
+        rows, summary = [], {}
         for name, s in samples.items():
             gbps = MUST_MOVE.get(name, SAM_MUST_MOVE) * param_bytes / median(s) / 1e9
-            rows.append([name, median(s) * 1e3, loop / median(s), median(s) / floor, gbps])
+            rows.append([name, median(s) * 1e3, loop / median(s), median(s) / floor, gbps,
+                         f"{gbps / copy_gbps:.1%}"])
+            summary[name] = {"median_ms": median(s) * 1e3, "x_loop": loop / median(s),
+                             "x_sgd": median(s) / floor, "gbps": gbps,
+                             "of_copy": gbps / copy_gbps}
+        # (a "/" key: render_results.py reads it as a breakdown, not as a model's table)
+        raw[f"{model_name}/summary"] = {"params": n_params, "tensors": n_tensors,
+                                        "dtype": args.dtype, **summary}
         table = markdown_table(["implementation", "median ms", "speed-up vs loop",
-                                "x SGD(fused) step", "effective GB/s"], rows)
+                                "x SGD(fused) step", "effective GB/s", "of copy"], rows)
         title = (f"## {model_name}: {n_params / 1e6:.2f} M params in {n_tensors} tensors, "
                  f"{args.dtype}")
         sections.append(f"{title}\n\n{table}")
