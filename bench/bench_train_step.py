@@ -7,8 +7,11 @@ median time of one full training step, interleaved in one run:
   * samfast SAM with each available backend (two forward/backward passes + the fused step),
   * LoopSAM: the per-tensor loop of davda54/sam; ForeachSAM: the same with torch._foreach,
 
-each with the second pass leaving BatchNorm statistics alone. Reported: median ms, the
-SAM / SGD ratio per implementation (two passes: the physical floor is 2.0); the time of the
+each with the second pass leaving BatchNorm statistics alone; with ``--cuda-graph`` on CUDA
+also the SGD step and each fused samfast backend's whole step captured in a CUDA graph, in the
+same precision (``--amp``) as the eager rows. Reported: median ms, the SAM / SGD ratio per
+implementation (graphed rows over the graphed SGD step, eager rows over the eager one; two
+passes: the physical floor is 2.0); the time of the
 optimizer side of each step (zero_grad, ascent, update: everything but the passes), measured
 inside the steps, and the ratio with the passes' time pooled over all implementations (the
 passes are the same code for all; on a noisy CPU this ranks implementations by the part that
@@ -204,20 +207,38 @@ def memory_table(name: str, device: torch.device) -> str:
             "and frees it in second_step, so it peaks at +1 P during the step too.")
 
 
-def cuda_graph_step(name, device, x, y):
-    """The whole samfast SAM step (two passes + the fused update) captured in a CUDA graph."""
+def cuda_graph_step(name, device, x, y, amp: str, backend: str | None):
+    """One whole training step captured in a CUDA graph, in the same precision as the eager
+    rows: samfast SAM with ``backend`` (two passes + the fused update) or, with ``backend``
+    None, the SGD step (one pass + torch.optim.SGD) that the graphed SAM rows are divided by.
+    Autocast runs with cache_enabled=False, as torch asks for graph capture (the cache would
+    hold casts made during capture; within one forward each weight is cast once either way)."""
     torch.manual_seed(0)
     model = build_model(name).to(device)
-    opt = samfast.SAM(model.parameters(), backend="native", **SGD)
+    ctx = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False))
+           if amp == "bf16" else contextlib.nullcontext)
 
-    def step():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.first_step()
-        opt.zero_grad()
-        with samfast.running_stats_disabled(model):
-            F.cross_entropy(model(x), y).backward()
-        opt.second_step()
+    def loss():
+        with ctx():
+            return F.cross_entropy(model(x).float(), y)
+    if backend is None:
+        opt = torch.optim.SGD(model.parameters(), **SGD)
+
+        def step():
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+    else:
+        opt = samfast.SAM(model.parameters(), backend=backend, **SGD)
+
+        def step():
+            opt.zero_grad()
+            loss().backward()
+            opt.first_step()
+            opt.zero_grad()
+            with samfast.running_stats_disabled(model):
+                loss().backward()
+            opt.second_step()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -228,6 +249,20 @@ def cuda_graph_step(name, device, x, y):
     with torch.cuda.graph(graph):
         step()
     return graph.replay
+
+
+def graphed_steps(name, device, x, y, amp: str) -> dict:
+    """label -> replay of each graphable step: SGD and every fused backend on the device (the
+    reference backend decides skips on the host: not capturable). A capture that fails is
+    reported and left out, so the eager rows still come back."""
+    fns = {}
+    for backend in [None] + [b for b in samfast.available_backends(device) if b != "reference"]:
+        label = "SGD, CUDA graph" if backend is None else f"samfast SAM [{backend}], CUDA graph"
+        try:
+            fns[label] = cuda_graph_step(name, device, x, y, amp, backend)
+        except Exception as exc:  # noqa: BLE001 - one failed capture must not end the run
+            print(f"{label}: capture failed: {type(exc).__name__}: {exc}", flush=True)
+    return fns
 
 
 def main(argv=None) -> None:
@@ -256,7 +291,7 @@ def main(argv=None) -> None:
         impls = implementations(name, device, x, y, args.amp, args.compile)
         fns = {k: fn for k, (fn, _, _) in impls.items()}
         if args.cuda_graph and device.type == "cuda":
-            fns["samfast SAM [native], CUDA graph"] = cuda_graph_step(name, device, x, y)
+            fns.update(graphed_steps(name, device, x, y, args.amp))
         peaks = {}
         if device.type == "cuda":
             for k, fn in fns.items():
@@ -268,6 +303,9 @@ def main(argv=None) -> None:
         samples = time_interleaved(fns, device, rounds=rounds, warmup=2, cold=False)
         raw[name] = samples
         sgd = median(samples["SGD"])
+        # graphed rows are divided by the graphed SGD step, eager rows by the eager one
+        sgd_of = {k: median(samples["SGD, CUDA graph"]) if k.endswith(", CUDA graph")
+                  and "SGD, CUDA graph" in samples else sgd for k in samples}
         # Derived ratio: on a CPU a step's time varies by a few % from run to run, more than
         # the whole optimizer side of a step (ResNet-20: ~0.5 %), so the direct ratios cannot
         # rank implementations whose passes are the same code. Pooling the pass times of all
@@ -290,17 +328,18 @@ def main(argv=None) -> None:
             if k in opt_side:
                 derived = ((per_pass * (1 if k == "SGD" else 2) + opt_side[k])
                            / (per_pass + opt_side["SGD"]))
-                rows.append([k, median(s) * 1e3, median(s) / sgd, opt_side[k] * 1e3,
+                rows.append([k, median(s) * 1e3, median(s) / sgd_of[k], opt_side[k] * 1e3,
                              f"{derived:.4f}", mem])
             else:
-                rows.append([k, median(s) * 1e3, median(s) / sgd, "", "", mem])
-        table = markdown_table(["implementation", "median ms / step", "x SGD step",
+                rows.append([k, median(s) * 1e3, median(s) / sgd_of[k], "", "", mem])
+        table = markdown_table(["implementation", "median ms / step", "x SGD step (same mode)",
                                 "optimizer side ms / step", "x SGD step (pooled passes)",
                                 "memory"], rows)
         if per_pass is not None:
             table += (f"\n\nOne forward + backward pass (pooled over all implementations): "
                       f"{per_pass * 1e3:.1f} ms.")
-        sam_key = min((k for k in samples if k.startswith("samfast SAM [")),
+        sam_key = min((k for k in samples if k.startswith("samfast SAM [")
+                       and not k.endswith(", CUDA graph")),
                       key=lambda k: median(samples[k]))
         sam = median(samples[sam_key])
         epoch_sgd, epoch_sam = sgd * STEPS_PER_EPOCH, sam * STEPS_PER_EPOCH

@@ -25,7 +25,8 @@ def newest(stem: str) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(RESULTS.glob(f"{stem}-*.json")):
         device = path.stem[len(stem) + 1:].split("-")[0]
-        found[device] = path  # sorted by date: the last one wins
+        if device in ("cpu", "cuda"):  # not a variant such as train_step-bf16-cuda-<date>
+            found[device] = path  # sorted by date: the last one wins
     return found
 
 
@@ -40,11 +41,14 @@ def table(path: Path, baseline: str) -> tuple[str, dict]:
             continue
         med = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
         medians[model] = med
-        base = med.get(baseline)
+        # CUDA-graph rows (bench_train_step.py --cuda-graph) over the graphed baseline
+        base = {k: med.get(f"{baseline}, CUDA graph", med.get(baseline))
+                if k.endswith(", CUDA graph") else med.get(baseline) for k in med}
         lines.append(f"**{model}**\n")
-        lines.append(f"| implementation | median ms | x {baseline} |")
+        mode = " (same mode)" if any(k.endswith(", CUDA graph") for k in med) else ""
+        lines.append(f"| implementation | median ms | x {baseline}{mode} |")
         lines.append("|---|---|---|")
-        lines += [f"| {k} | {v:.2f} | {v / base:.2f} |" for k, v in med.items()]
+        lines += [f"| {k} | {v:.2f} | {v / base[k]:.2f} |" for k, v in med.items()]
         lines.append("")
     return "\n".join(lines), medians
 
