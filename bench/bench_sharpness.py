@@ -5,7 +5,10 @@ top-k estimates are within 1e-3 (relative) of the converged values, for k = 1 an
 the time of one HVP relative to one forward + backward pass on the same batches.
 
     python bench/bench_sharpness.py [--model small_cnn] [--samples 512] [--train-epochs 2]
-                                    [--hvp-only] [--save]
+                                    [--train-subset N] [--device cpu|cuda] [--hvp-only] [--save]
+
+The model is trained first with samfast-train into runs/bench_sharpness/<model> under the
+working directory, replacing what an earlier run left there (--overwrite).
 """
 
 from __future__ import annotations
@@ -66,23 +69,30 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--train-epochs", type=int, default=2,
                     help="train the model briefly first (a random init has a boring Hessian)")
+    ap.add_argument("--train-subset", type=int, default=None,
+                    help="train on this many of the embedded images (default: all 2500)")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--hvp-only", action="store_true",
                     help="only the HVP vs forward+backward timing (no Lanczos/power runs)")
     ap.add_argument("--save", action="store_true")
     args = ap.parse_args(argv)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     env = environment(device)
     print(", ".join(f"{k}={v}" for k, v in env.items()))
     out = Path("runs/bench_sharpness") / args.model
+    subset = ["--train-subset", str(args.train_subset)] if args.train_subset else []
     cfg = trainer.parse_config(["--data-dir", str(DEMO_DATA), "--model", args.model,
                                 "--epochs", str(args.train_epochs), "--optimizer", "sgd",
-                                "--out", str(out), "--quiet", "--device", "cpu"])
+                                "--out", str(out), "--overwrite", "--quiet",
+                                "--device", args.device, *subset])
     trainer.run(cfg)
-    model = trainer.build_model(args.model, 10)
-    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    model = trainer.build_model(args.model, 10).to(device)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=True,
+                                     map_location=device)["model"])
     train, _ = load_cifar(str(DEMO_DATA))
-    batches = list(eval_batches(stratified_subset(train, args.samples, seed=1), 256))
+    batches = [(x.to(device), y.to(device)) for x, y in
+               eval_batches(stratified_subset(train, args.samples, seed=1), 256)]
 
     table, raw, truth = "(Lanczos vs power iteration: not run, --hvp-only)", {}, None
     if not args.hvp_only:
@@ -104,28 +114,37 @@ def main(argv=None) -> None:
     with _measurement_mode(model, "eval"):
         cached = _HessianOperator(model, F.cross_entropy, batches, cache_graph=True)
         rebuilt = _HessianOperator(model, F.cross_entropy, batches, cache_graph=False)
-        v = torch.randn(cached.numel, dtype=torch.float64)
+        v = torch.randn(cached.numel, dtype=torch.float64).to(device)
         t0 = time.perf_counter()
         cached(v)  # builds and keeps the graphs
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         build_s = time.perf_counter() - t0
     fns = {"forward+backward": fwd_bwd, "HVP (samfast default)": lambda: cached(v),
            "HVP, graph rebuilt": lambda: rebuilt(v), "HVP, plain double backward": lambda: plain(v)}
     times = {name: [] for name in fns}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     for _ in range(args.rounds):
         for name, fn in fns.items():
             patch = (_measurement_mode(model, "eval") if name in ("HVP (samfast default)",
                                                                    "HVP, graph rebuilt")
                      else contextlib.nullcontext())
             with patch:
+                sync()
                 t0 = time.perf_counter()
                 fn()
+                sync()
                 times[name].append(time.perf_counter() - t0)
     fb = median(times["forward+backward"])
     hvp_rows = [[name, median(t) * 1e3, median(t) / fb] for name, t in times.items()]
     hvp_table = markdown_table(["", "median ms", "x forward+backward"], hvp_rows)
     ratio = median(times["HVP (samfast default)"]) / fb
     text = (f"{args.model} ({cached.numel} params) trained {args.train_epochs} epochs on the "
-            f"embedded CIFAR-10 subset; Hessian of the mean cross-entropy on {args.samples} "
+            f"embedded CIFAR-10 subset{f' ({args.train_subset} images)' if subset else ''}, "
+            f"{device.type}; Hessian of the mean cross-entropy on {args.samples} "
             f"training images, BatchNorm in eval mode. Converged top-5: "
             f"{', '.join(f'{t:.4g}' for t in truth.tolist()) if truth is not None else 'n/a'}"
             f"\n\n{table}\n\n"
