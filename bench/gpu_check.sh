@@ -16,7 +16,7 @@
 #       (wheels for what the machine lacks into .whl/, ignored through .git/info/exclude:
 #        pytorch-optimizer for the optimizer-step baseline; and .whl/STAMP with the commit,
 #        the clean-tree flag and the source fingerprint: there is no .git there)
-#   device:  run(command="bash bench/gpu_check.sh", timeout_s=540, carry=[".whl"])
+#   device:  run(command="bash bench/gpu_check.sh", timeout_s=500, carry=[".whl"])
 #       Works without .whl too (no pytorch-optimizer row, commit "unknown").
 #   dry run on a CPU machine (tests/test_gpu_check.py runs it from a copy of the tree):
 #       DRY_RUN=1 OUT=/tmp/gpu-dry [PYTHON=.venv/bin/python] bash bench/gpu_check.sh
@@ -76,7 +76,7 @@ prepare() {
     printf 'commit=%s\nclean_tree=%s\nfingerprint=%s\n' "$commit" "$clean" "$(fingerprint)" \
         >.whl/STAMP
     echo "wrote .whl/STAMP:"; cat .whl/STAMP; ls -la .whl
-    echo 'now: run(command="bash bench/gpu_check.sh", timeout_s=540, carry=[".whl"])'
+    echo 'now: run(command="bash bench/gpu_check.sh", timeout_s=500, carry=[".whl"])'
     exit 0
 }
 
