@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib
 import os
 import warnings
 
@@ -26,7 +27,9 @@ def load_error() -> str | None:
     from .. import ops
     ops.define(NAMESPACE)  # the schemas first: the extension registers kernels against them
     try:
-        from .. import _C  # noqa: F401
+        # import_module, not `from .. import _C`: a missing submodule raises
+        # ModuleNotFoundError there, but a plain ImportError through `from ... import`
+        importlib.import_module(f"{__package__.rpartition('.')[0]}._C")
         return None
     except ModuleNotFoundError as exc:
         error = f"the samfast._C extension is not built ({exc})"
@@ -46,6 +49,10 @@ def load_error() -> str | None:
 
 
 def _jit_build() -> None:
+    # As setup.py: torch derives CUDA_HOME from `which nvcc` when it is unset, which a
+    # /usr/local/bin/nvcc link points at /usr/local (no lib64/libcudart).
+    if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     from torch.utils import cpp_extension
 
     root = os.path.join(os.path.dirname(__file__), "..", "..", "csrc")
