@@ -147,8 +147,6 @@ copy_sources() {  # the package sources only, without build products of the tree
 #      copy and copied next to it
 #   3. SAMFAST_JIT=1: the ops built by torch.utils.cpp_extension.load at first use (csrc copied
 #      to $SITE/csrc, where samfast/backends/native.py looks for it), warmed up here once.
-#      (Fails while native.load_error() takes the ImportError of a missing _C for "built but
-#      does not load": `from .. import _C` raises ImportError, not ModuleNotFoundError.)
 #   4. samfast._C built by torch.utils.cpp_extension.load (no setuptools, no pyproject
 #      metadata: e.g. a setuptools too old for PEP 639's license string) and copied into
 #      $SITE/samfast
