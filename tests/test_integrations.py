@@ -270,7 +270,7 @@ def test_lightning_ddp_equals_the_full_batch_loop(tmp_path):
     """strategy="ddp", 2 CPU processes (gloo), 8 samples per rank and step, 2 micro-batches
     each, clipping: global ascent equals single-process SAM on the batch of 16."""
     pytest.importorskip("pytorch_lightning")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -404,6 +404,40 @@ def test_hf_trainer_snippet_equals_the_plain_loop(tmp_path, fresh_accelerate_sta
     assert trainer.state.global_step == epochs
     assert trainer.sam.sam_enabled and trainer.sam.skipped_steps == 0
     assert_same_state(state_of(model), state_of(reference), rtol=1e-9, atol=1e-10)
+    # what the Trainer checkpoints is the SAM's state_dict, samfast's entry included
+    state = trainer.optimizer.state_dict()
+    assert state["samfast"]["sam_enabled"] is True
+    fresh = samfast.SAM(tiny_bert().parameters(), **OPT)
+    fresh.load_state_dict(state)
+    assert fresh.sam_enabled
+
+
+def test_hf_trainer_resumes_from_its_checkpoint(tmp_path, fresh_accelerate_state):
+    """The Trainer's own checkpoint of epoch 2 (SAM on since epoch 1), resumed by a fresh
+    SAMTrainer for the last 2 epochs, ends where the uninterrupted run ended."""
+    from transformers import TrainingArguments
+    from samfast.integrations.accelerate import SAMTrainer
+    from accelerate.state import AcceleratorState, GradientState
+    epochs = 4
+
+    def train(model, out, resume=None):
+        opt = samfast.SAM(model.parameters(), **OPT)
+        args = TrainingArguments(str(out), num_train_epochs=epochs, max_grad_norm=1.0,
+                                 lr_scheduler_type="constant", per_device_train_batch_size=16,
+                                 report_to="none", save_strategy="epoch", disable_tqdm=True)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=TokenData(),
+                             optimizers=(opt, None),
+                             sam_schedule=samfast.SwitchSchedule(epochs, sam_start=1))
+        trainer.train(resume_from_checkpoint=resume)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        return trainer
+    whole = tiny_bert()
+    train(whole, tmp_path / "whole")
+    resumed = tiny_bert()
+    trainer = train(resumed, tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert trainer.state.global_step == epochs and trainer.sam.sam_enabled
+    assert_same_state(state_of(resumed), state_of(whole), rtol=0, atol=0)
 
 
 def test_hf_trainer_refuses_gradient_accumulation(tmp_path, fresh_accelerate_state):
