@@ -195,8 +195,9 @@ def _sam_step(model: nn.Module, optimizer, loss_fn: Callable[..., Tensor], *, as
     optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler,
                          agree_skip=_all_replicas_skip if local else None)
     try:
-        with running_stats_disabled(bn_model if bn_model is not None else unwrap(model),
-                                    enabled=optimizer.perturbed):
+        # Never tracked: at w + e it is not the model's batch statistics, and after a skipped
+        # ascent it repeats the first pass, whose statistics are already counted.
+        with running_stats_disabled(bn_model if bn_model is not None else unwrap(model)):
             one_pass(sync=True)
         if clip_grad_norm is not None:
             _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)

@@ -229,3 +229,30 @@ def test_torchrun_end_to_end_writes_one_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("resuming") == 1
     assert json.loads((out / "summary.json").read_text())["test_acc"] == summary["test_acc"]
+
+
+@pytest.mark.parametrize("backend", [b for b in samfast.available_backends("cpu")])
+def test_second_pass_after_a_skipped_ascent_leaves_batchnorm_statistics_alone(backend):
+    """A non-finite ascent gradient skips the step; the second pass still runs (every replica
+    must take part in its all-reduce) but must not count the batch in BatchNorm again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
+    opt = samfast.SAM(model.parameters(), backend=backend, lr=0.05, momentum=0.9)
+    x, y = full_batch(0)
+    x = x.float()
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        return loss * float("inf") if len(calls) == 1 else loss
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    sam_step(model, opt, loss_fn)
+    assert opt.skipped_steps == 1 and len(calls) == 2
+    assert int(model[1].num_batches_tracked) == 1
+    once = nn.BatchNorm1d(8)
+    once.load_state_dict(before)
+    once.train()
+    with torch.no_grad():
+        once(model[0](x))
+    torch.testing.assert_close(model[1].running_mean, once.running_mean)
