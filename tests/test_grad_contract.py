@@ -124,6 +124,15 @@ def tensor_hook_edits_grads(model, opt, step):
     loss_of(model, step).backward()
 
 
+def explicit_step(model, opt, step):
+    """One SAM step as the explicit API is written: backward, ascent, backward, descent."""
+    opt.zero_grad()
+    loss_of(model, step).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, step).backward()
+    opt.second_step(zero_grad=True)
+
+
 SCRIPTS = [backward_then_edit_in_place, assign_or_copy, assign_fresh_each_round,
            normal_in_place_after_backward, zero_not_none_partial_backward,
            accumulate_micro_batches, clip_after_backward, model_zero_grad,
@@ -236,11 +245,7 @@ def test_rebuilding_the_optimizer_does_not_leak(backend):
     for round_ in range(10):
         opt = samfast.SAM(model.parameters(), backend=backend, **SGD)
         for step in range(2):
-            opt.zero_grad()
-            loss_of(model, step).backward()
-            opt.first_step(zero_grad=True)
-            loss_of(model, step).backward()
-            opt.second_step(zero_grad=True)
+            explicit_step(model, opt, step)
         assert hooks() == sum(p.requires_grad for p in model.parameters())
         dead.append(weakref.ref(opt))
         dead.extend(weakref.ref(t) for b in getattr(opt._backend, "buckets", [])
@@ -254,11 +259,7 @@ def test_rebuilding_the_optimizer_does_not_leak(backend):
     opts = [samfast.SAM(m.parameters(), backend=b, **SGD)
             for m, b in ((model, backend), (fresh, "reference"))]
     for m, o in zip((model, fresh), opts):
-        o.zero_grad()
-        loss_of(m, 7).backward()
-        o.first_step(zero_grad=True)
-        loss_of(m, 7).backward()
-        o.second_step(zero_grad=True)
+        explicit_step(m, o, 7)
     assert_trees_close(dict(model.named_parameters()), dict(fresh.named_parameters()), "params")
 
 
@@ -268,11 +269,7 @@ def trained(backend):
     model = make_net()
     opt = samfast.SAM(model.parameters(), backend=backend, **SGD)
     for step in range(2):
-        opt.zero_grad()
-        loss_of(model, step).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(model, step).backward()
-        opt.second_step(zero_grad=True)
+        explicit_step(model, opt, step)
     return model, opt
 
 
@@ -336,11 +333,7 @@ def test_refused_load_changes_nothing(backend, corrupt):
     # and it still trains as an untouched twin does
     twin_model, twin = trained(backend)
     for m, o in ((model, opt), (twin_model, twin)):
-        o.zero_grad()
-        loss_of(m, 5).backward()
-        o.first_step(zero_grad=True)
-        loss_of(m, 5).backward()
-        o.second_step(zero_grad=True)
+        explicit_step(m, o, 5)
     assert_trees_close(dict(model.named_parameters()), dict(twin_model.named_parameters()), "params")
 
 
@@ -419,11 +412,7 @@ def explicit_run(steps=4):
     model = make_net()
     opt = samfast.SAM(model.parameters(), backend="reference", rho=0.1, **SGD)
     for step in range(steps):
-        opt.zero_grad()
-        loss_of(model, step).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(model, step).backward()
-        opt.second_step(zero_grad=True)
+        explicit_step(model, opt, step)
     return model
 
 
