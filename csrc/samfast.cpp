@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace samfast {
@@ -53,6 +54,20 @@ namespace samfast {
   void restore_sgd16_any(unsigned short*, const unsigned short*, const unsigned short*,   \
                          unsigned short*, long, long, float, float, float, float, bool,   \
                          bool);                                                           \
+  template <typename T>                                                                   \
+  void looksam_dots_blocks(const T*, const T*, long, long, long, long, T*, T*);           \
+  template <typename T>                                                                   \
+  void looksam_project_blocks(T*, const T*, long, long, long, long, T, T*);               \
+  template <typename T>                                                                   \
+  void looksam_reuse(T*, const T*, long, long, T);                                        \
+  template <int F>                                                                        \
+  void looksam_dots_blocks16(const unsigned short*, const unsigned short*, long, long,    \
+                             long, long, float*, float*);                                 \
+  template <int F>                                                                        \
+  void looksam_project_blocks16(unsigned short*, const unsigned short*, long, long, long,  \
+                                long, float, float*);                                     \
+  template <int F>                                                                        \
+  void looksam_reuse16(unsigned short*, const unsigned short*, long, long, float);        \
   }
 SAMFAST_DECLARE_CPU_KERNELS(base)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -315,6 +330,123 @@ void restore_sgd_cpu(at::Tensor& w, const at::Tensor& g, const at::Tensor& backu
   });
 }
 
+// ---- LookSAM (samfast/policies.py; maths in samfast/ops.py) ----------------------------------
+
+// Two sums per block (dot, sq), added in block order like blocked_reduce's.
+template <typename acc_t, typename F>
+std::pair<acc_t, acc_t> blocked_reduce2(int64_t n, F f) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<acc_t> first(blocks, 0), second(blocks, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    f(b0, b1, first.data(), second.data());
+  });
+  acc_t a = 0, b = 0;
+  for (int64_t i = 0; i < blocks; ++i) {
+    a += first[i];
+    b += second[i];
+  }
+  return {a, b};
+}
+
+// coef: a one-element tensor in the opmath dtype on the buffers' device, as scale.
+void check_coef(const at::Tensor& coef, const at::Tensor& like) {
+  const auto opmath = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef.numel() == 1 && coef.scalar_type() == opmath && coef.device() == like.device(),
+              "samfast: coef must be a one-element ", opmath, " tensor on ", like.device());
+}
+
+at::Tensor looksam_dots_cpu(const at::Tensor& g, const at::Tensor& gs) {
+  check_flat(g, g, "g");
+  check_flat(gs, g, "gs");
+  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({2}, g.options().dtype(acc));
+  const int64_t n = g.numel();
+  if (is_wide(g)) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "looksam_dots", [&] {
+      const auto *gp = g.const_data_ptr<scalar_t>(), *sp = gs.const_data_ptr<scalar_t>();
+      const auto sums = blocked_reduce2<scalar_t>(
+          n, [=](int64_t b0, int64_t b1, scalar_t* dot, scalar_t* sq) {
+            SAMFAST_CPU_CALL(looksam_dots_blocks<scalar_t>, gp, sp, n, kBlock, b0, b1, dot, sq);
+          });
+      out[0].fill_(sums.first);
+      out[1].fill_(sums.second);
+    });
+    return out;
+  }
+  const unsigned short *gp = bits16(g), *sp = bits16(gs);
+  const bool bf16 = format16(g) == 0;
+  const auto sums = blocked_reduce2<float>(n, [=](int64_t b0, int64_t b1, float* dot, float* sq) {
+    bf16 ? SAMFAST_CPU_CALL(looksam_dots_blocks16<0>, gp, sp, n, kBlock, b0, b1, dot, sq)
+         : SAMFAST_CPU_CALL(looksam_dots_blocks16<1>, gp, sp, n, kBlock, b0, b1, dot, sq);
+  });
+  out[0].fill_(sums.first);
+  out[1].fill_(sums.second);
+  return out;
+}
+
+// gv <- gs - coef * gv unless skip; returns the sum of squares of gv as it then is.
+at::Tensor looksam_project_cpu(at::Tensor& gv, const at::Tensor& gs, const at::Tensor& coef,
+                               const at::Tensor& skip) {
+  check_flat(gv, gv, "gv");
+  check_flat(gs, gv, "gs");
+  check_flag(skip, gv, "skip");
+  check_coef(coef, gv);
+  const auto acc = gv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (skip.item<bool>()) return sq_norm_cpu(gv, gv, false, 0.0);
+  at::Tensor out = at::empty({}, gv.options().dtype(acc));
+  const int64_t n = gv.numel();
+  if (is_wide(gv)) {
+    AT_DISPATCH_FLOATING_TYPES(gv.scalar_type(), "looksam_project_", [&] {
+      auto* vp = gv.mutable_data_ptr<scalar_t>();
+      const auto* sp = gs.const_data_ptr<scalar_t>();
+      const scalar_t c = coef.item<scalar_t>();
+      out.fill_(blocked_reduce<scalar_t>(n, [=](int64_t b0, int64_t b1, scalar_t* partial) {
+        SAMFAST_CPU_CALL(looksam_project_blocks<scalar_t>, vp, sp, n, kBlock, b0, b1, c,
+                         partial);
+      }));
+    });
+    return out;
+  }
+  unsigned short* vp = mutable_bits16(gv);
+  const unsigned short* sp = bits16(gs);
+  const float c = coef.item<float>();
+  const bool bf16 = format16(gv) == 0;
+  out.fill_(blocked_reduce<float>(n, [=](int64_t b0, int64_t b1, float* partial) {
+    bf16 ? SAMFAST_CPU_CALL(looksam_project_blocks16<0>, vp, sp, n, kBlock, b0, b1, c, partial)
+         : SAMFAST_CPU_CALL(looksam_project_blocks16<1>, vp, sp, n, kBlock, b0, b1, c, partial);
+  }));
+  return out;
+}
+
+// g <- g + coef * gv unless skip.
+void looksam_reuse_cpu(at::Tensor& g, const at::Tensor& gv, const at::Tensor& coef,
+                       const at::Tensor& skip) {
+  check_flat(g, g, "g");
+  check_flat(gv, g, "gv");
+  check_flag(skip, g, "skip");
+  check_coef(coef, g);
+  if (skip.item<bool>()) return;
+  if (is_wide(g)) {
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "looksam_reuse_", [&] {
+      auto* gp = g.mutable_data_ptr<scalar_t>();
+      const auto* vp = gv.const_data_ptr<scalar_t>();
+      const scalar_t c = coef.item<scalar_t>();
+      at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        SAMFAST_CPU_CALL(looksam_reuse<scalar_t>, gp, vp, begin, end, c);
+      });
+    });
+    return;
+  }
+  unsigned short* gp = mutable_bits16(g);
+  const unsigned short* vp = bits16(gv);
+  const float c = coef.item<float>();
+  const bool bf16 = format16(g) == 0;
+  at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    bf16 ? SAMFAST_CPU_CALL(looksam_reuse16<0>, gp, vp, begin, end, c)
+         : SAMFAST_CPU_CALL(looksam_reuse16<1>, gp, vp, begin, end, c);
+  });
+}
+
 }  // namespace
 
 // The schemas are declared once, in samfast/ops.py (the contract every backend implements),
@@ -324,6 +456,9 @@ TORCH_LIBRARY_IMPL(samfast, CPU, m) {
   m.impl("nonfinite", &nonfinite_cpu);
   m.impl("ascent_", &ascent_cpu);
   m.impl("restore_sgd_", &restore_sgd_cpu);
+  m.impl("looksam_dots", &looksam_dots_cpu);
+  m.impl("looksam_project_", &looksam_project_cpu);
+  m.impl("looksam_reuse_", &looksam_reuse_cpu);
 }
 
 }  // namespace samfast

@@ -27,6 +27,15 @@ Maths (opmath = float32 for fp16/bf16/fp32 storage, float64 for fp64; one roundi
   stored. With ``skip`` set only the restore happens and ``buf`` is not written. ``lr`` is a
   float64 one-element tensor and ``started`` a bool one (whether ``buf`` holds a momentum
   buffer yet), both read on the device; ``backup`` may be ``w`` itself (a plain SGD step);
+* ``looksam_dots(g, gs)``: the two sums LookSAM's projection needs, [sum g * gs, sum g^2], as
+  a 1-D tensor of two opmath values (accumulated as ``sq_norm``: deterministic);
+* ``looksam_project_(gv, gs, coef, skip)``: unless ``skip``: gv <- gs - coef * gv (gv holds
+  the first-pass gradient g on entry, gs the SAM gradient, coef = g . gs / ||g||^2: gv becomes
+  the component of gs orthogonal to g); returns the sum of squares of gv as stored after the
+  op (opmath, 0-d), which the reuse steps need;
+* ``looksam_reuse_(g, gv, coef, skip)``: unless ``skip``: g <- g + coef * gv (coef = alpha
+  ||g|| / (||g_v|| + eps)): the gradient of a LookSAM step between two full ones.
+  ``coef`` is a one-element tensor in opmath, ``skip`` a bool one, both read on the device;
 * ``pgd_step(x_adv, grad, x, eps, alpha, norm, lo, hi)``: one PGD update (see
   samfast.adversarial), Triton only.
 """
@@ -44,11 +53,16 @@ SCHEMAS = {
     "restore_sgd_": "(Tensor(a!) w, Tensor g, Tensor backup, Tensor(b!) buf, Tensor skip, "
                     "Tensor lr, float momentum, float dampening, float weight_decay, "
                     "bool nesterov, Tensor started) -> ()",
+    "looksam_dots": "(Tensor g, Tensor gs) -> Tensor",
+    "looksam_project_": "(Tensor(a!) gv, Tensor gs, Tensor coef, Tensor skip) -> Tensor",
+    "looksam_reuse_": "(Tensor(a!) g, Tensor gv, Tensor coef, Tensor skip) -> ()",
     "pgd_step": "(Tensor x_adv, Tensor grad, Tensor x, float eps, float alpha, str norm, "
                 "float lo, float hi) -> Tensor",
 }
-# The SAM step's ops; every fused namespace implements them.
+# The SAM step's ops and LookSAM's; every fused namespace implements them.
 SAM_OPS = ("sq_norm", "nonfinite", "ascent_", "restore_sgd_")
+LOOKSAM_OPS = ("looksam_dots", "looksam_project_", "looksam_reuse_")
+STEP_OPS = SAM_OPS + LOOKSAM_OPS
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:
@@ -72,16 +86,30 @@ def _fake_restore_sgd(w, g, backup, buf, skip, lr, momentum, dampening, weight_d
     return None
 
 
+def _fake_looksam_dots(g, gs):
+    return g.new_empty((2,), dtype=_acc_dtype(g))
+
+
+def _fake_looksam_project(gv, gs, coef, skip):
+    return gv.new_empty((), dtype=_acc_dtype(gv))
+
+
+def _fake_looksam_reuse(g, gv, coef, skip):
+    return None
+
+
 def _fake_pgd_step(x_adv, grad, x, eps, alpha, norm, lo, hi):
     return torch.empty_like(x_adv)
 
 
 _FAKES = {"sq_norm": _fake_sq_norm, "nonfinite": _fake_nonfinite, "ascent_": _fake_ascent,
-          "restore_sgd_": _fake_restore_sgd, "pgd_step": _fake_pgd_step}
+          "restore_sgd_": _fake_restore_sgd, "looksam_dots": _fake_looksam_dots,
+          "looksam_project_": _fake_looksam_project, "looksam_reuse_": _fake_looksam_reuse,
+          "pgd_step": _fake_pgd_step}
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
 
-def define(namespace: str, names=SAM_OPS) -> torch.library.Library:
+def define(namespace: str, names=STEP_OPS) -> torch.library.Library:
     """Declare ``names`` in ``namespace`` with the contract's schemas and fakes (once)."""
     if namespace not in _LIBRARIES:
         lib = torch.library.Library(namespace, "DEF")
@@ -136,5 +164,24 @@ def reference_restore_sgd_(w: Tensor, g: Tensor, backup: Tensor, buf: Tensor, sk
     w.copy_(torch.where(skip, backup, new))
 
 
+def reference_looksam_dots(g: Tensor, gs: Tensor) -> Tensor:
+    a, b = _opmath(g), _opmath(gs)
+    return torch.stack([(a * b).sum(), (a * a).sum()])
+
+
+def reference_looksam_project_(gv: Tensor, gs: Tensor, coef: Tensor, skip: Tensor) -> Tensor:
+    new = (_opmath(gs) - coef.to(_acc_dtype(gv)) * _opmath(gv)).to(gv.dtype)
+    gv.copy_(torch.where(skip, gv, new))
+    return _opmath(gv).square().sum()
+
+
+def reference_looksam_reuse_(g: Tensor, gv: Tensor, coef: Tensor, skip: Tensor) -> None:
+    new = (_opmath(g) + coef.to(_acc_dtype(g)) * _opmath(gv)).to(g.dtype)
+    g.copy_(torch.where(skip, g, new))
+
+
 REFERENCE = {"sq_norm": reference_sq_norm, "nonfinite": reference_nonfinite,
-             "ascent_": reference_ascent_, "restore_sgd_": reference_restore_sgd_}
+             "ascent_": reference_ascent_, "restore_sgd_": reference_restore_sgd_,
+             "looksam_dots": reference_looksam_dots,
+             "looksam_project_": reference_looksam_project_,
+             "looksam_reuse_": reference_looksam_reuse_}

@@ -42,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
 SPILL_FIELDS = ("spill_stores", "spill_loads", "stack")
 # Triton kernels' pointers to one-element flags and scalars, and the reductions' partial sums
 SCALAR_POINTERS = {"scale_ptr", "skip_ptr", "lr_ptr", "started_ptr", "partial_ptr", "eta_ptr",
-                   "hyper_ptr"}
+                   "hyper_ptr", "coef_ptr"}
 
 
 # =============================================================================================
@@ -142,11 +142,14 @@ def launches() -> list[Launch]:
                     # The `started` flag of a run is the bool of its cohort's first param: any
                     # byte address, so its pointer may lose the divisibility attribute.
                     out.append(Launch("restore_sgd_", dtype, aligned, sgd + ("started+1",)))
+            for op in ("looksam_dots", "looksam_project_", "looksam_reuse_"):
+                out.append(Launch(op, dtype, aligned))
             for norm in ("linf", "l2"):
                 out.append(Launch("pgd_step", dtype, aligned, (norm,)))
     # n >= 2^31: Triton passes n as an i64 (runs of over 2G elements, big models' buckets)
     for op, flags in (("sq_norm", ("adaptive",)), ("nonfinite", ()), ("ascent_", ("adaptive",)),
-                      ("restore_sgd_", ("momentum", "nesterov"))):
+                      ("restore_sgd_", ("momentum", "nesterov")), ("looksam_dots", ()),
+                      ("looksam_project_", ()), ("looksam_reuse_", ())):
         out.append(Launch(op, "fp32", True, flags + ("i64",)))
     return out
 
@@ -156,7 +159,7 @@ LAUNCHES = launches()
 
 def call_launcher(launch: Launch) -> None:
     """Call the op's launcher on CPU tensors laid out as ``launch`` says."""
-    from samfast.kernels import ascent, norm, pgd, restore
+    from samfast.kernels import ascent, looksam, norm, pgd, restore
 
     dtype = DTYPES[launch.dtype]
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
@@ -191,6 +194,12 @@ def call_launcher(launch: Launch) -> None:
         started = flag(True, at=1 if "started+1" in launch.flags else 0)
         restore.restore_sgd_(w, buffer(), buffer(), buf, flag(), torch.tensor(0.1).double(),
                              momentum, 0.0, 5e-4, "nesterov" in launch.flags, started)
+    elif launch.op == "looksam_dots":
+        looksam.looksam_dots(buffer(), buffer())
+    elif launch.op == "looksam_project_":
+        looksam.looksam_project_(buffer(), buffer(), torch.tensor(0.5, dtype=opmath), flag())
+    elif launch.op == "looksam_reuse_":
+        looksam.looksam_reuse_(buffer(), buffer(), torch.tensor(0.5, dtype=opmath), flag())
     elif launch.op == "pgd_step":
         shape = (8, 3, 32, 32) if launch.aligned else (8, 3, 7, 7)
         pgd.pgd_step(buffer(shape), buffer(shape), buffer(shape), 8 / 255, 2 / 255,
@@ -271,9 +280,9 @@ def all_kernels() -> list[str]:
     """The @triton.jit kernels (not the helpers they call) of samfast.kernels."""
     from triton.runtime.jit import JITFunction
 
-    from samfast.kernels import ascent, norm, pgd, restore
+    from samfast.kernels import ascent, looksam, norm, pgd, restore
 
-    return sorted(name for module in (ascent, norm, pgd, restore)
+    return sorted(name for module in (ascent, looksam, norm, pgd, restore)
                   for name, obj in vars(module).items()
                   if isinstance(obj, JITFunction) and name.endswith("_kernel"))
 
@@ -386,11 +395,14 @@ def test_triton_aligned_variant_moves_128_bits(triton_report, launch, arch):
         return
     assert sized <= divisible, row
     # one-element loads: ascent scale, skip (+ eta); sq_norm (eta); restore skip, lr, started
-    # and its float64 hyper-parameters (weight decay; + momentum, dampening)
+    # and its float64 hyper-parameters (weight decay; + momentum, dampening); LookSAM's
+    # project and reuse coef, skip
     adaptive = "adaptive" in launch.flags
-    scalars = {"ascent_": 2 + adaptive, "sq_norm": int(adaptive), "restore_sgd_": 6}.get(
-        launch.op, 0)
-    partials = 1 if launch.op in ("sq_norm", "nonfinite") else 0
+    scalars = {"ascent_": 2 + adaptive, "sq_norm": int(adaptive), "restore_sgd_": 6,
+               "looksam_project_": 2, "looksam_reuse_": 2}.get(launch.op, 0)
+    # partial sums stored: one per reduction (LookSAM's dots: two)
+    partials = {"sq_norm": 1, "nonfinite": 1, "looksam_dots": 2,
+                "looksam_project_": 1}.get(launch.op, 0)
     assert "ld" in wide, row
     assert narrow.count("ld") <= scalars, row
     assert narrow.count("st") <= partials, row
@@ -451,7 +463,9 @@ def test_real_model_launches_are_aligned(model_name, dtype):
 # =============================================================================================
 
 KERNEL_FLAGS = {"sq_norm_kernel": ("adaptive",), "nonfinite_kernel": (),
-                "ascent_kernel": ("adaptive",), "restore_sgd_kernel": ("momentum", "nesterov")}
+                "ascent_kernel": ("adaptive",), "restore_sgd_kernel": ("momentum", "nesterov"),
+                "looksam_dots_kernel": (), "looksam_project_kernel": (),
+                "looksam_reuse_kernel": ()}
 TYPE_NAMES = {"f": "fp32", "d": "fp64", "N3c104HalfE": "fp16", "N3c108BFloat16E": "bf16"}
 
 
@@ -564,8 +578,9 @@ def cuda_report(nvcc_job):
 
 
 def test_cuda_kernels_compile_without_spills(cuda_report):
-    # dtypes x (sq_norm 2 + nonfinite 1 + ascent 2 + restore 3) x (vector, scalar) per arch
-    assert len(cuda_report) == len(ARCHS) * 4 * 8 * 2
+    # dtypes x (sq_norm 2 + nonfinite 1 + ascent 2 + restore 3 + LookSAM's dots, project,
+    # reuse 1 each) x (vector, scalar) per arch
+    assert len(cuda_report) == len(ARCHS) * 4 * 11 * 2
     spilled = [r for r in cuda_report if any(r[f] for f in SPILL_FIELDS)]
     assert not spilled, spilled
 
@@ -586,6 +601,9 @@ def test_cuda_vector_kernels_move_128_bits(cuda_report):
             "nonfinite_kernel": (1, 0),
             "ascent_kernel": (2, 2),                           # w, g -> backup, w
             "restore_sgd_kernel": (2 + momentum, 1 + momentum),  # backup, g, buf -> w, buf
+            "looksam_dots_kernel": (2, 0),                     # g, gs
+            "looksam_project_kernel": (2, 1),                  # gv, gs -> gv
+            "looksam_reuse_kernel": (2, 1),                    # g, gv -> g
         }[r["kernel"]]
         assert wide.count("ld") >= reads and wide.count("st") >= writes, r
 

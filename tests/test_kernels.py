@@ -120,6 +120,84 @@ def test_restore_sgd(backend, dtype, n):
         assert torch.equal(w2, backup) and torch.equal(buf2, buf), "skip: restore only"
 
 
+def assert_same_as_reference(op: str, got: torch.Tensor, first: torch.Tensor, *rest):
+    """``got``, what ``op`` made of its in-place argument ``first`` (called with ``rest``),
+    equals the reference implementation's result bit for bit (the same operations in opmath,
+    one rounding); returns the reference's return value."""
+    want = first.clone()
+    out = samfast.ops.REFERENCE[op](want, *rest)
+    assert torch.equal(got, want), f"{op}: differs from the reference implementation"
+    return out
+
+
+def sum_tolerance(dtype) -> float:
+    return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_looksam_dots(backend, dtype, n):
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(13 * n)
+    g, gs = rand(n, dtype, gen), rand(n, dtype, gen)
+    got = ops.looksam_dots(g, gs)
+    assert got.shape == (2,)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    products = g.double() * gs.double()
+    # the dot cancels: its error is measured against the sum of the |terms|
+    assert abs(float(got[0]) - float(products.sum())) <= \
+        sum_tolerance(dtype) * float(products.abs().sum())
+    sq = float(g.double().square().sum())
+    assert abs(float(got[1]) - sq) <= sum_tolerance(dtype) * sq
+    assert torch.equal(got, ops.looksam_dots(g, gs))  # deterministic
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_looksam_project(backend, dtype, n):
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(17 * n)
+    g, gs = rand(n, dtype, gen), rand(n, dtype, gen)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    coef = torch.tensor(0.37, dtype=opmath)
+    gv = g.clone()
+    sq = ops.looksam_project_(gv, gs, coef, torch.tensor(False))
+    assert sq.shape == () and sq.dtype == opmath
+    term = float(coef) * g.double()
+    assert_storage_close(gv, gs.double() - term, gs.double().abs() + term.abs())
+    stored = float(gv.double().square().sum())
+    assert abs(float(sq) - stored) <= sum_tolerance(dtype) * stored  # of the values as stored
+    if backend != "spec":
+        assert_same_as_reference("looksam_project_", gv, g, gs, coef, torch.tensor(False))
+    gv = g.clone()
+    sq = ops.looksam_project_(gv, gs, coef, torch.tensor(True))
+    assert torch.equal(gv, g), "skip flag set: g_v must not change"
+    assert abs(float(sq) - float(g.double().square().sum())) <= \
+        sum_tolerance(dtype) * float(g.double().square().sum())
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_looksam_reuse(backend, dtype, n):
+    ops = ops_of(backend)
+    gen = torch.Generator().manual_seed(19 * n)
+    g, gv = rand(n, dtype, gen), rand(n, dtype, gen)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    coef = torch.tensor(1.7, dtype=opmath)
+    g1 = g.clone()
+    ops.looksam_reuse_(g1, gv, coef, torch.tensor(False))
+    term = float(coef) * gv.double()
+    assert_storage_close(g1, g.double() + term, g.double().abs() + term.abs())
+    if backend != "spec":
+        assert_same_as_reference("looksam_reuse_", g1, g, gv, coef, torch.tensor(False))
+    g2 = g.clone()
+    ops.looksam_reuse_(g2, gv, coef, torch.tensor(True))
+    assert torch.equal(g2, g), "skip flag set: g must not change"
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_plain_sgd_step_with_backup_aliasing_w(backend):
     ops = ops_of(backend)
@@ -155,8 +233,13 @@ def test_native_reductions_over_many_blocks(dtype):
         probes.append(probe)
 
     def reductions():
+        # (LookSAM's two sums and its projection's sum of squares as well)
+        coef = torch.tensor(0.5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         return ([torch.ops.samfast.sq_norm(x, w, adaptive, 0.01)
-                 for x in [g] + probes for adaptive in (False, True)],
+                 for x in [g] + probes for adaptive in (False, True)]
+                + [torch.ops.samfast.looksam_dots(x, w) for x in [g] + probes]
+                + [torch.ops.samfast.looksam_project_(x.clone(), w, coef, torch.tensor(False))
+                   for x in [g] + probes],
                 float(torch.ops.samfast.nonfinite(bad)))
 
     threads = torch.get_num_threads()
@@ -173,6 +256,12 @@ def test_native_reductions_over_many_blocks(dtype):
             for x in [g] + probes for t in (1.0, w.double().abs() + 0.01)]
     for got, exact in zip(sums, want):
         assert abs(float(got) - exact) <= tol * exact
+    dots = sums[len(want):len(want) + 1 + len(probes)]
+    for got, x in zip(dots, [g] + probes):
+        products = x.double() * w.double()
+        assert abs(float(got[0]) - float(products.sum())) <= tol * float(products.abs().sum())
+        assert abs(float(got[1]) - float(x.double().square().sum())) <= \
+            tol * float(x.double().square().sum())
     assert count == len(where)
     for other_sums, other_count in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(sums, other_sums))
@@ -195,6 +284,11 @@ def test_opcheck(backend):
                               (w.clone(), g, backup, buf.clone(), flag(False),
                                torch.tensor(0.1, dtype=torch.float64), 0.9, 0.0, 1e-4, True,
                                flag(started)))
+    coef = torch.tensor(0.3)
+    torch.library.opcheck(ops.looksam_dots, (g, w))
+    for skip in (False, True):
+        torch.library.opcheck(ops.looksam_project_, (backup.clone(), g, coef, flag(skip)))
+        torch.library.opcheck(ops.looksam_reuse_, (buf.clone(), g, coef, flag(skip)))
     if backend == "triton":
         x = torch.rand(3, 2, 5, 5)
         for norm in ("linf", "l2"):
@@ -231,10 +325,23 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             C.restore_sgd_(ws[s:e], g[s:e], ws[s:e], ms[s:e], torch.tensor(False), lr, mom,
                            0.1, 5e-4, nesterov, torch.tensor(not first))
             out[f"{dtype}-{s}-{mom}-{nesterov}-{first}-sgd"] = (ws, ms)
+        coef = torch.tensor(0.3, dtype=opmath)
+        out[f"{dtype}-{s}-dots"] = C.looksam_dots(g[s:e], b[s:e])
+        vs = g.clone()
+        out[f"{dtype}-{s}-project"] = (C.looksam_project_(vs[s:e], b[s:e], coef,
+                                                          torch.tensor(False)), vs)
+        gs_ = g.clone()
+        C.looksam_reuse_(gs_[s:e], b[s:e], coef, torch.tensor(False))
+        out[f"{dtype}-{s}-reuse"] = gs_
     # the reductions walk four 32768-element blocks at once: nine blocks and a partial one
     big = torch.randn(9 * 32768 + 5101, generator=gen, dtype=torch.float64).to(dtype)
     for adaptive in (False, True):
         out[f"{dtype}-big-{adaptive}-norm"] = C.sq_norm(big[3:], big[:-3], adaptive, 0.01)
+    out[f"{dtype}-big-dots"] = C.looksam_dots(big[3:], big[:-3])
+    vs = big.clone()
+    out[f"{dtype}-big-project"] = (C.looksam_project_(vs[3:], big[:-3],
+                                                      torch.tensor(0.3, dtype=opmath),
+                                                      torch.tensor(False)), vs)
     big[[5, 4 * 32768, 8 * 32768 + 7]] = float("nan")
     out[f"{dtype}-big-nonfinite"] = C.nonfinite(big[3:])
 torch.save(out, sys.argv[1])
@@ -346,3 +453,11 @@ def test_native_checks_its_flag_and_scale_arguments():
         C.restore_sgd_(w, g, b, m, ok, lr, 0.9, 0.0, 0.0, False, torch.tensor([True, True]))
     with pytest.raises(RuntimeError, match="lr must be a one-element float64"):
         C.restore_sgd_(w, g, b, m, ok, torch.tensor(0.1), 0.9, 0.0, 0.0, False, ok)
+    with pytest.raises(RuntimeError, match="coef must be a one-element"):
+        C.looksam_project_(w, g, torch.tensor(0.1, dtype=torch.float64), ok)
+    with pytest.raises(RuntimeError, match="coef must be a one-element"):
+        C.looksam_reuse_(w, g, torch.tensor([0.1, 0.2]), ok)
+    with pytest.raises(RuntimeError, match="skip must be a one-element bool"):
+        C.looksam_reuse_(w, g, torch.tensor(0.1), torch.tensor(1))
+    with pytest.raises(RuntimeError, match="gs has 63 elements"):
+        C.looksam_dots(w, g[1:])

@@ -107,6 +107,9 @@ struct Wide {
   using Arith = T;
   static T value(T x) { return x; }
   static Line<T> load(const T* p) { return load_line(p); }
+  // (named as Format16's, whose arithmetic type is float; here storage is arithmetic)
+  static T from_float(T x) { return x; }
+  static void store(T* p, const Line<T>& v) { __builtin_memcpy(p, &v, sizeof v); }
 };
 
 // The reductions, over fixed blocks of `block` elements (a multiple of kLanes) of [0, n):
@@ -499,6 +502,130 @@ void restore_sgd16_any(unsigned short* w, const unsigned short* g, const unsigne
   });
 }
 
+// ---- LookSAM (samfast/policies.py; the ops' maths in samfast/ops.py) -------------------------
+// Generic over the format F (Wide<T>, Format16<...>): arithmetic in F::Arith, one rounding to
+// storage per element. A "step" is one line of arithmetic values (16 floats or 8 doubles;
+// 16 bf16/fp16 elements widened to floats), tails element by element with the same formulas.
+// The two with a reduction work on fixed blocks of `block` elements in kLanes interleaved
+// lanes, as range_sum does, so their sums do not depend on the threads or the ISA.
+
+// Per block b of [b0, b1): dot[b] = sum g * gs, sq[b] = sum g^2, one read of both streams.
+template <typename F>
+void looksam_dots_of(const typename F::Storage* g, const typename F::Storage* gs, long n,
+                     long block, long b0, long b1, typename F::Arith* dot,
+                     typename F::Arith* sq) {
+  using A = typename F::Arith;
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(A));
+  for (long b = b0; b < b1; ++b) {
+    const long begin = b * block, end = (b + 1) * block < n ? (b + 1) * block : n;
+    Line<A> dl[kLanes / kLine] = {}, sl[kLanes / kLine] = {};
+    long i = begin;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (long j = 0; j < kLanes / kLine; ++j) {
+        const Line<A> x = F::load(g + i + j * kLine), y = F::load(gs + i + j * kLine);
+        dl[j] += x * y;
+        sl[j] += x * x;
+      }
+    }
+    A dot_tail = 0, sq_tail = 0;
+    for (; i < end; ++i) {
+      const A x = F::value(g[i]), y = F::value(gs[i]);
+      dot_tail += x * y;
+      sq_tail += x * x;
+    }
+    A dot_total = 0, sq_total = 0;
+    for (long j = 0; j < kLanes / kLine; ++j) {
+      for (long m = 0; m < kLine; ++m) {
+        dot_total += dl[j][m];
+        sq_total += sl[j][m];
+      }
+    }
+    dot[b] = dot_total + dot_tail;
+    sq[b] = sq_total + sq_tail;
+  }
+}
+
+// Per block: gv <- gs - coef * gv (gv holds g: the part of gs orthogonal to g), and
+// out[b] = the sum of squares of gv as stored (rounded to storage first, then widened).
+template <typename F>
+void looksam_project_of(typename F::Storage* __restrict__ gv,
+                        const typename F::Storage* __restrict__ gs, long n, long block, long b0,
+                        long b1, typename F::Arith coef, typename F::Arith* out) {
+  using A = typename F::Arith;
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(A));
+  for (long b = b0; b < b1; ++b) {
+    const long begin = b * block, end = (b + 1) * block < n ? (b + 1) * block : n;
+    Line<A> lanes[kLanes / kLine] = {};
+    long i = begin;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (long j = 0; j < kLanes / kLine; ++j) {
+        const long at = i + j * kLine;
+        F::store(gv + at, F::load(gs + at) - coef * F::load(gv + at));
+        const Line<A> x = F::load(gv + at);
+        lanes[j] += x * x;
+      }
+    }
+    A tail = 0;
+    for (; i < end; ++i) {
+      gv[i] = F::from_float(F::value(gs[i]) - coef * F::value(gv[i]));
+      const A x = F::value(gv[i]);
+      tail += x * x;
+    }
+    A total = 0;
+    for (long j = 0; j < kLanes / kLine; ++j) {
+      for (long m = 0; m < kLine; ++m) total += lanes[j][m];
+    }
+    out[b] = total + tail;
+  }
+}
+
+// g <- g + coef * gv over [begin, end): the gradient of a LookSAM step between full ones.
+template <typename F>
+void looksam_reuse_of(typename F::Storage* __restrict__ g,
+                      const typename F::Storage* __restrict__ gv, long begin, long end,
+                      typename F::Arith coef) {
+  using A = typename F::Arith;
+  constexpr long kLine = kLineBytes / static_cast<long>(sizeof(A));
+  long i = begin;
+  for (; i + kLine <= end; i += kLine) F::store(g + i, F::load(g + i) + coef * F::load(gv + i));
+  for (; i < end; ++i) g[i] = F::from_float(F::value(g[i]) + coef * F::value(gv[i]));
+}
+
+template <typename T>
+void looksam_dots_blocks(const T* g, const T* gs, long n, long block, long b0, long b1, T* dot,
+                         T* sq) {
+  looksam_dots_of<Wide<T>>(g, gs, n, block, b0, b1, dot, sq);
+}
+
+template <typename T>
+void looksam_project_blocks(T* gv, const T* gs, long n, long block, long b0, long b1, T coef,
+                            T* out) {
+  looksam_project_of<Wide<T>>(gv, gs, n, block, b0, b1, coef, out);
+}
+
+template <typename T>
+void looksam_reuse(T* g, const T* gv, long begin, long end, T coef) {
+  looksam_reuse_of<Wide<T>>(g, gv, begin, end, coef);
+}
+
+template <int kFormat>
+void looksam_dots_blocks16(const unsigned short* g, const unsigned short* gs, long n, long block,
+                           long b0, long b1, float* dot, float* sq) {
+  looksam_dots_of<Format16<kFormat>>(g, gs, n, block, b0, b1, dot, sq);
+}
+
+template <int kFormat>
+void looksam_project_blocks16(unsigned short* gv, const unsigned short* gs, long n, long block,
+                              long b0, long b1, float coef, float* out) {
+  looksam_project_of<Format16<kFormat>>(gv, gs, n, block, b0, b1, coef, out);
+}
+
+template <int kFormat>
+void looksam_reuse16(unsigned short* g, const unsigned short* gv, long begin, long end,
+                     float coef) {
+  looksam_reuse_of<Format16<kFormat>>(g, gv, begin, end, coef);
+}
+
 #define SAMFAST_INSTANTIATE_16(F)                                                           \
   template void sq_norm_blocks16<F>(const unsigned short*, const unsigned short*, long, long, \
                                     long, long, bool, float, float*);                        \
@@ -507,7 +634,12 @@ void restore_sgd16_any(unsigned short* w, const unsigned short* g, const unsigne
                                 long, long, float, bool, float);                             \
   template void restore_sgd16_any<F>(unsigned short*, const unsigned short*,                  \
                                      const unsigned short*, unsigned short*, long, long,      \
-                                     float, float, float, float, bool, bool);
+                                     float, float, float, float, bool, bool);                 \
+  template void looksam_dots_blocks16<F>(const unsigned short*, const unsigned short*, long,  \
+                                         long, long, long, float*, float*);                  \
+  template void looksam_project_blocks16<F>(unsigned short*, const unsigned short*, long,     \
+                                            long, long, long, float, float*);                \
+  template void looksam_reuse16<F>(unsigned short*, const unsigned short*, long, long, float);
 SAMFAST_INSTANTIATE_16(kBf16)
 SAMFAST_INSTANTIATE_16(kFp16)
 #undef SAMFAST_INSTANTIATE_16
@@ -526,6 +658,16 @@ template void restore_sgd_any<float>(float*, const float*, const float*, float*,
                                      float, float, float, float, bool, bool, bool);
 template void restore_sgd_any<double>(double*, const double*, const double*, double*, long,
                                       long, double, double, double, double, bool, bool, bool);
+template void looksam_dots_blocks<float>(const float*, const float*, long, long, long, long,
+                                         float*, float*);
+template void looksam_dots_blocks<double>(const double*, const double*, long, long, long, long,
+                                          double*, double*);
+template void looksam_project_blocks<float>(float*, const float*, long, long, long, long, float,
+                                            float*);
+template void looksam_project_blocks<double>(double*, const double*, long, long, long, long,
+                                             double, double*);
+template void looksam_reuse<float>(float*, const float*, long, long, float);
+template void looksam_reuse<double>(double*, const double*, long, long, double);
 
 }  // namespace SAMFAST_CPU_NS
 }  // namespace samfast

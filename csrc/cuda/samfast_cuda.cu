@@ -207,6 +207,90 @@ __global__ void restore_sgd_kernel(scalar_t* w, const scalar_t* __restrict__ g,
   });
 }
 
+// ---- LookSAM (samfast/policies.py; maths in samfast/ops.py) ----------------------------------
+
+// partial[b] = sum g * gs and partial[gridDim.x + b] = sum g^2 over block b's elements.
+template <typename scalar_t, int kVec>
+__global__ void looksam_dots_kernel(const scalar_t* __restrict__ g,
+                                    const scalar_t* __restrict__ gs, int64_t n,
+                                    at::opmath_type<scalar_t>* __restrict__ partial) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t dot = 0, sq = 0;
+  for_each_pack<kVec>(n, [&](auto vec, int64_t i) {
+    constexpr int V = decltype(vec)::value;
+    const Pack<scalar_t, V> gv = load_pack<V>(g, i);
+    const Pack<scalar_t, V> sv = load_pack<V>(gs, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const opmath_t x = static_cast<opmath_t>(gv.v[k]);
+      dot += x * static_cast<opmath_t>(sv.v[k]);
+      sq += x * x;
+    }
+  });
+  dot = block_sum(dot);
+  __syncthreads();  // every thread has read the first sum before the shared array is reused
+  sq = block_sum(sq);
+  if (threadIdx.x == 0) {
+    partial[blockIdx.x] = dot;
+    partial[gridDim.x + blockIdx.x] = sq;
+  }
+}
+
+// Unless skip: gv <- gs - coef * gv. partial[b]: the sum of squares of gv as stored.
+template <typename scalar_t, int kVec>
+__global__ void looksam_project_kernel(scalar_t* __restrict__ gv,
+                                       const scalar_t* __restrict__ gs, int64_t n,
+                                       const at::opmath_type<scalar_t>* __restrict__ coef,
+                                       const bool* __restrict__ skip,
+                                       at::opmath_type<scalar_t>* __restrict__ partial) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const bool skipped = *skip;
+  const opmath_t c = *coef;
+  opmath_t acc = 0;
+  for_each_pack<kVec>(n, [&](auto vec, int64_t i) {
+    constexpr int V = decltype(vec)::value;
+    Pack<scalar_t, V> vv = load_pack<V>(gv, i);
+    if (!skipped) {
+      const Pack<scalar_t, V> sv = load_pack<V>(gs, i);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        vv.v[k] = static_cast<scalar_t>(static_cast<opmath_t>(sv.v[k]) -
+                                        c * static_cast<opmath_t>(vv.v[k]));
+      }
+      store_pack<V>(gv, i, vv);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const opmath_t x = static_cast<opmath_t>(vv.v[k]);
+      acc += x * x;
+    }
+  });
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// Unless skip: g <- g + coef * gv.
+template <typename scalar_t, int kVec>
+__global__ void looksam_reuse_kernel(scalar_t* __restrict__ g, const scalar_t* __restrict__ gv,
+                                     int64_t n,
+                                     const at::opmath_type<scalar_t>* __restrict__ coef,
+                                     const bool* __restrict__ skip) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (*skip) return;
+  const opmath_t c = *coef;
+  for_each_pack<kVec>(n, [&](auto vec, int64_t i) {
+    constexpr int V = decltype(vec)::value;
+    Pack<scalar_t, V> gg = load_pack<V>(g, i);
+    const Pack<scalar_t, V> vv = load_pack<V>(gv, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      gg.v[k] = static_cast<scalar_t>(static_cast<opmath_t>(gg.v[k]) +
+                                      c * static_cast<opmath_t>(vv.v[k]));
+    }
+    store_pack<V>(g, i, gg);
+  });
+}
+
 // skip / started: one-element bool tensors on w's device (read by the kernels there).
 void check_flag(const at::Tensor& flag, const at::Tensor& like, const char* name) {
   TORCH_CHECK(flag.numel() == 1 && flag.scalar_type() == at::kBool &&
@@ -352,6 +436,88 @@ void restore_sgd_cuda(at::Tensor& w, const at::Tensor& g, const at::Tensor& back
   });
 }
 
+// coef: a one-element tensor in the opmath dtype of `like`, on its device.
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* coef_ptr(const at::Tensor& coef, const at::Tensor& like) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  TORCH_CHECK(coef.numel() == 1 && coef.device() == like.device() &&
+                  coef.scalar_type() == c10::CppTypeToScalarType<opmath_t>::value,
+              "samfast: coef must be a one-element tensor in the opmath dtype of the buffers, "
+              "on ", like.device());
+  return coef.const_data_ptr<opmath_t>();
+}
+
+at::Tensor looksam_dots_cuda(const at::Tensor& g, const at::Tensor& gs) {
+  check_cuda(g, g, "g");
+  check_cuda(gs, g, "gs");
+  c10::cuda::CUDAGuard guard(g.device());
+  const auto acc = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = g.numel();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "looksam_dots", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* sp = gs.const_data_ptr<scalar_t>();
+    launch_vec_or_scalar<scalar_t>(aligned16(gp) && aligned16(sp), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const int blocks = std::min(blocks_for_packs<V>(n), kReduceBlocks);
+      partial = at::empty({2, blocks}, g.options().dtype(acc));
+      looksam_dots_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(
+          gp, sp, n, partial.mutable_data_ptr<opmath_t>());
+    });
+  });
+  return partial.sum(1);
+}
+
+at::Tensor looksam_project_cuda(at::Tensor& gv, const at::Tensor& gs, const at::Tensor& coef,
+                                const at::Tensor& skip) {
+  check_cuda(gv, gv, "gv");
+  check_cuda(gs, gv, "gs");
+  check_flag(skip, gv, "skip");
+  c10::cuda::CUDAGuard guard(gv.device());
+  const auto acc = gv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = gv.numel();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gv.scalar_type(), "looksam_project_",
+                                  [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t* cp = coef_ptr<scalar_t>(coef, gv);
+    scalar_t* vp = gv.mutable_data_ptr<scalar_t>();
+    const scalar_t* sp = gs.const_data_ptr<scalar_t>();
+    launch_vec_or_scalar<scalar_t>(aligned16(vp) && aligned16(sp), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      const int blocks = std::min(blocks_for_packs<V>(n), kReduceBlocks);
+      partial = at::empty({blocks}, gv.options().dtype(acc));
+      looksam_project_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(
+          vp, sp, n, cp, skip.const_data_ptr<bool>(), partial.mutable_data_ptr<opmath_t>());
+    });
+  });
+  return partial.sum();
+}
+
+void looksam_reuse_cuda(at::Tensor& g, const at::Tensor& gv, const at::Tensor& coef,
+                        const at::Tensor& skip) {
+  check_cuda(g, g, "g");
+  check_cuda(gv, g, "gv");
+  check_flag(skip, g, "skip");
+  c10::cuda::CUDAGuard guard(g.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = g.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "looksam_reuse_",
+                                  [&] {
+    const auto* cp = coef_ptr<scalar_t>(coef, g);
+    scalar_t* gp = g.mutable_data_ptr<scalar_t>();
+    const scalar_t* vp = gv.const_data_ptr<scalar_t>();
+    launch_vec_or_scalar<scalar_t>(aligned16(gp) && aligned16(vp), [&](auto vec) {
+      constexpr int V = decltype(vec)::value;
+      looksam_reuse_kernel<scalar_t, V><<<blocks_for_packs<V>(n), kThreads, 0, stream>>>(
+          gp, vp, n, cp, skip.const_data_ptr<bool>());
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(samfast, CUDA, m) {
@@ -359,6 +525,9 @@ TORCH_LIBRARY_IMPL(samfast, CUDA, m) {
   m.impl("nonfinite", &nonfinite_cuda);
   m.impl("ascent_", &ascent_cuda);
   m.impl("restore_sgd_", &restore_sgd_cuda);
+  m.impl("looksam_dots", &looksam_dots_cuda);
+  m.impl("looksam_project_", &looksam_project_cuda);
+  m.impl("looksam_reuse_", &looksam_reuse_cuda);
 }
 
 }  // namespace samfast

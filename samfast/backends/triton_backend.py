@@ -45,11 +45,13 @@ def _import_error() -> str | None:
 
 def _register() -> None:
     from .. import ops
-    from ..kernels import ascent, norm, pgd, restore
+    from ..kernels import ascent, looksam, norm, pgd, restore
 
-    lib = ops.define(NAMESPACE, ops.SAM_OPS + ("pgd_step",))
+    lib = ops.define(NAMESPACE, ops.STEP_OPS + ("pgd_step",))
     impls = {"sq_norm": norm.sq_norm, "nonfinite": norm.nonfinite, "ascent_": ascent.ascent_,
-             "restore_sgd_": restore.restore_sgd_, "pgd_step": pgd.pgd_step}
+             "restore_sgd_": restore.restore_sgd_, "looksam_dots": looksam.looksam_dots,
+             "looksam_project_": looksam.looksam_project_,
+             "looksam_reuse_": looksam.looksam_reuse_, "pgd_step": pgd.pgd_step}
     keys = ["CUDA"] + (["CPU"] if interpreting() else [])
     for name, fn in impls.items():
         for key in keys:
