@@ -6,6 +6,8 @@ A :class:`FlatBucket` owns, for the params of one (param group, device, dtype):
 * ``grad`` — one contiguous buffer holding the gradients the step reads,
 * ``backup`` — the pre-ascent weights (SAM's one extra parameter-sized buffer),
 * ``momentum`` — SGD's momentum, whose per-param views are what ``optimizer.state`` holds,
+* ``gv`` — LookSAM's g_v (samfast/policies.py), allocated only when a LookSAM policy steps:
+  one more parameter-sized buffer,
 
 so a SAM step is a handful of kernels over a few long buffers instead of several kernels per
 tensor. Each view keeps the strides of the param it replaces (channels_last stays
@@ -103,6 +105,9 @@ class FlatBucket:
         self.cohort = [0] * len(params)
         self._next_cohort = 1
         self.published = [False] * len(params)   # state[p] holds its momentum view
+        # LookSAM's g_v (allocated on its first full step)
+        self.gv: Tensor | None = None
+        self.gv_views: list[Tensor] = []
         self._mask_tensors: dict[tuple, Tensor] = {}
         with torch.no_grad():
             for i, p in enumerate(params):
@@ -227,6 +232,16 @@ class FlatBucket:
                     start = None
             self._mask_tensors[key] = t
         return t
+
+    # -- LookSAM's g_v --------------------------------------------------------------------------
+
+    def ensure_gv(self) -> None:
+        if self.gv is None:
+            self.gv = torch.zeros_like(self.param)
+            self.gv_views = [_view_like(self.gv, o, p) for o, p in zip(self.offsets, self.params)]
+
+    def release_gv(self) -> None:
+        self.gv, self.gv_views = None, []
 
     # -- SGD momentum ---------------------------------------------------------------------------
 

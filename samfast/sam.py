@@ -2,18 +2,22 @@ r"""The SAM optimizer: API, validation and the two-pass step state machine.
 
 The arithmetic lives in a backend (``samfast.backends``); the base optimizer (SGD, AdamW, ...)
 does the descent. ``opt.param_groups`` *is* ``opt.base_optimizer.param_groups``, so LR
-schedulers and any code that edits groups see one set of hyper-parameters.
+schedulers and any code that edits groups see one set of hyper-parameters. A policy
+(``samfast.policies``: Interval, LookSAM, RandomSwitch, AdaptiveSAM) decides per step whether
+and how the ascent runs; the state machine below carries out its plan.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import weakref
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from . import policies as _policies
 from .backends import resolve_backend
 
 # Group keys owned by SAM. The epsilon is stored as "sam_eps": "eps" belongs to Adam & co.,
@@ -22,8 +26,9 @@ _SAM_DEFAULT_KEYS = ("rho", "adaptive", "eta", "normalize", "sam_eps")
 _STATE_FORMAT = 1
 
 # Step phases: between first_step and second_step the weights hold w + e ("perturbed"), or the
-# first step was skipped for a non-finite gradient and second_step must only clean up.
-_IDLE, _PERTURBED, _SKIPPED = "idle", "perturbed", "skipped"
+# first step was skipped for a non-finite gradient, or it took a whole one-pass step that a
+# policy planned ("stepped"), and second_step must only clean up.
+_IDLE, _PERTURBED, _SKIPPED, _STEPPED = "idle", "perturbed", "skipped", "stepped"
 
 
 def _check_number(name: str, value: Any, *, minimum: float = 0.0) -> None:
@@ -134,13 +139,16 @@ class SAM(torch.optim.Optimizer):
             ``eps`` goes through a factory: ``functools.partial(torch.optim.AdamW, eps=1e-6)``).
         backend: "auto", "reference", "native" or "triton" (see
             :func:`samfast.available_backends`).
+        policy: a :class:`samfast.policies.Policy` deciding per step whether and how the
+            ascent runs (``Interval``, ``LookSAM``, ``RandomSwitch``, ``AdaptiveSAM``), or
+            None: every step while ``sam_enabled`` is a SAM step.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``...).
     """
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
                  rho: float | Tensor = 0.05, adaptive: bool = False, eta: float = 0.0,
                  normalize: bool = True, eps: float = 1e-12, backend: str = "auto",
-                 **base_kwargs: Any) -> None:
+                 policy: _policies.Policy | None = None, **base_kwargs: Any) -> None:
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise TypeError("Invalid base_optimizer: pass an optimizer class such as "
                             f"torch.optim.SGD, not {type(base_optimizer).__name__}")
@@ -171,6 +179,12 @@ class SAM(torch.optim.Optimizer):
         self.sam_enabled = True
         self.skipped_steps = 0
         self._phase = _IDLE
+        self._policy: _policies.Policy | None = None
+        self._plan: str | None = None      # the current step's policy plan, once taken
+        self._policy_before: dict | None = None  # its state before a "decide" changed it
+        self._first_pass_record: dict | None = None
+        self.policy = policy
+        self.reset_counters()
         self._first_pass_found_inf: dict = {}
         # Post-accumulate-grad hooks: a backward reached a param (the fused backends move its
         # fresh gradient into their flat buffer; step(closure) learns a backward ran before).
@@ -276,8 +290,79 @@ class SAM(torch.optim.Optimizer):
 
     @property
     def perturbed(self) -> bool:
-        """True between ``first_step`` and ``second_step`` (weights hold w + e)."""
+        """True between ``first_step`` and ``second_step`` (weights hold w + e): the second
+        forward and backward pass is due. False after a ``first_step`` that took a one-pass
+        step a policy planned (``second_step`` then only finishes the step)."""
         return self._phase == _PERTURBED
+
+    # -- the policy ---------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> _policies.Policy | None:
+        """The per-step policy (``samfast.policies``), or None: SAM on every enabled step."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: _policies.Policy | None) -> None:
+        if policy is not None and not isinstance(policy, _policies.Policy):
+            raise TypeError("Invalid policy: a samfast.policies.Policy (Interval, LookSAM, "
+                            f"RandomSwitch, AdaptiveSAM) or None, not {type(policy).__name__}")
+        if self._phase != _IDLE:
+            raise RuntimeError("SAM.policy set between first_step and second_step")
+        if isinstance(policy, _policies.LookSAM):
+            missing = getattr(self._backend, "missing_ops", lambda names: [])(
+                ("looksam_dots", "looksam_project_", "looksam_reuse_"))
+            if missing:
+                raise ValueError(f"Invalid policy: backend {self.backend!r} has no kernels for "
+                                 f"{', '.join(missing)} (samfast._C built before LookSAM: "
+                                 "rebuild it, or use backend='reference' or 'triton')")
+        elif hasattr(self._backend, "release_gv"):
+            self._backend.release_gv()  # LookSAM's g_v buffer, if a LookSAM policy left one
+        self._policy, self._plan, self._policy_before = policy, None, None
+
+    def plan_step(self) -> str:
+        """What the next step will do (``samfast.policies.PLANS``): "base" while
+        ``sam_enabled`` is False, else the policy's plan ("sam" without a policy). The same
+        until that step is taken; for "decide" the first pass decides (see ``first_step``).
+        ``samfast.distributed.sam_step`` reads it to know how many passes to run."""
+        if self._phase != _IDLE:
+            raise RuntimeError("SAM.plan_step called between first_step and second_step")
+        if not self.sam_enabled:
+            return _policies.BASE_STEP
+        if self._policy is None:
+            return _policies.SAM_STEP
+        if self._plan is None:
+            plan = self._policy.plan()
+            if plan not in _policies.PLANS:
+                raise ValueError(f"Invalid policy: {type(self._policy).__name__}.plan() returned "
+                                 f"{plan!r} (one of {', '.join(_policies.PLANS)})")
+            self._plan = plan
+        return self._plan
+
+    def _end_policy_step(self) -> None:
+        if self._plan is not None:
+            self._policy.advance()
+        self._plan = self._policy_before = None
+
+    def reset_counters(self) -> None:
+        """Zero :attr:`counters`."""
+        self._counters = {"steps": 0, "sam_steps": 0, "passes": 0, "optimizer_s": 0.0}
+
+    @property
+    def counters(self) -> dict[str, Any]:
+        """What the steps since the last :meth:`reset_counters` cost: ``steps`` taken,
+        ``sam_steps`` (two-pass steps), ``passes`` (forward + backward passes the steps
+        consumed: two per SAM step, one per other step) and ``optimizer_s``, the host time
+        spent in this optimizer's step methods (on CUDA the kernels run asynchronously, so
+        this is their launch time unless the caller synchronizes)."""
+        return dict(self._counters)
+
+    def _count_step(self, passes: int, seconds: float) -> None:
+        c = self._counters
+        c["steps"] += 1
+        c["sam_steps"] += passes == 2
+        c["passes"] += passes
+        c["optimizer_s"] += seconds
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -305,7 +390,8 @@ class SAM(torch.optim.Optimizer):
         grad_scaler.unscale_(self)
         states = grad_scaler._per_optimizer_states
         if not second:
-            self._first_pass_found_inf = states.pop(id(self))["found_inf_per_device"]
+            self._first_pass_record = states.pop(id(self))
+            self._first_pass_found_inf = self._first_pass_record["found_inf_per_device"]
             return
         found = states[id(self)]["found_inf_per_device"]
         for device, flag in getattr(self, "_first_pass_found_inf", {}).items():
@@ -326,13 +412,41 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.first_step called twice without second_step in between")
         self._check_grads()
         self._check_lrs()
-        self._unscale(grad_scaler, second=False)
-        skipped = self._backend.first_step(self.param_groups, agree_skip)
-        if skipped is True:
-            self._phase = _SKIPPED
-            self._count_skip(True)
-        else:  # False, or a device flag that second_step's own flag will include
-            self._phase = _PERTURBED
+        start = time.perf_counter()
+        # Without a policy the explicit API always ascends (whatever sam_enabled says).
+        plan = self.plan_step() if self._policy is not None else _policies.SAM_STEP
+        if plan == _policies.DECIDE:
+            self._unscale(grad_scaler, second=False)
+            sq = self._backend.grad_sq_norm(self.param_groups)  # a host sync on CUDA
+            self._policy_before = self._policy.state_dict()
+            plan = _policies.SAM_STEP if self._policy.decide(float(sq)) else _policies.BASE_STEP
+            if plan == _policies.BASE_STEP and self._first_pass_record is not None:
+                # a one-pass step after all: GradScaler gets back its record of this pass
+                grad_scaler._per_optimizer_states[id(self)] = self._first_pass_record
+                self._first_pass_record, self._first_pass_found_inf = None, {}
+        elif plan in _policies.TWO_PASS_PLANS:
+            self._unscale(grad_scaler, second=False)
+        else:
+            self._unscale(grad_scaler, second=True)
+        if plan in _policies.TWO_PASS_PLANS:
+            skipped = self._backend.first_step(
+                self.param_groups, agree_skip,
+                **({"store_grad": True} if plan == _policies.LOOKSAM_FULL else {}))
+            if skipped is True:
+                self._phase = _SKIPPED
+                self._count_skip(True)
+            else:  # False, or a device flag that second_step's own flag will include
+                self._phase = _PERTURBED
+        else:  # "base" or "looksam_reuse": the whole step, now
+            reuse = ({"reuse": (self._policy.alpha, self._policy.eps)}
+                     if plan == _policies.LOOKSAM_REUSE else {})
+            self._count_skip(self._backend.base_step(self.param_groups,
+                                                     self.base_optimizer.step, **reuse))
+            self._phase = _STEPPED
+            self._grads_arrived = False
+            self._mark_stepped()
+            self._end_policy_step()
+            self._count_step(1, time.perf_counter() - start)
         if zero_grad:
             self.zero_grad()
 
@@ -344,19 +458,28 @@ class SAM(torch.optim.Optimizer):
         ``grad_scaler.update()`` (not ``grad_scaler.step``)."""
         if self._phase == _IDLE:
             raise RuntimeError("SAM.second_step called without a preceding first_step")
+        if self._phase == _STEPPED:  # first_step took the whole (one-pass) step
+            self._phase = _IDLE
+            if zero_grad:
+                self.zero_grad()
+            return
         try:
             self._check_lrs()
         except ValueError:
             self.abort_step()
             raise
+        start = time.perf_counter()
         self._unscale(grad_scaler, second=True)
         if self._phase == _PERTURBED:
             self._check_grads()
+            project = ({"project": True} if self._plan == _policies.LOOKSAM_FULL else {})
             self._count_skip(self._backend.second_step(self.param_groups,
-                                                       self.base_optimizer.step))
+                                                       self.base_optimizer.step, **project))
         self._phase = _IDLE
         self._grads_arrived = False
         self._mark_stepped()
+        self._end_policy_step()
+        self._count_step(2, time.perf_counter() - start)
         if zero_grad:
             self.zero_grad()
 
@@ -368,10 +491,12 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError("SAM.base_step called between first_step and second_step")
         self._check_grads()
         self._check_lrs()
+        start = time.perf_counter()
         self._unscale(grad_scaler, second=True)
         self._count_skip(self._backend.base_step(self.param_groups, self.base_optimizer.step))
         self._grads_arrived = False
         self._mark_stepped()
+        self._count_step(1, time.perf_counter() - start)
         if zero_grad:
             self.zero_grad()
 
@@ -379,11 +504,19 @@ class SAM(torch.optim.Optimizer):
     def abort_step(self) -> None:
         """Undo a ``first_step``: put the weights back to w and return to idle, with the
         optimizer state untouched (for a second pass that failed). A no-op when idle.
-        ``step(closure)`` calls it when the second closure pass raises."""
+        ``step(closure)`` calls it when the second closure pass raises. The policy does not
+        advance (the step is to be retried), except that an aborted LookSAM full step has
+        already replaced the stored g_v by the first-pass gradient: g_v is invalid until the
+        next full step."""
         if self._phase == _PERTURBED:
             self._backend.abort()
+        if self._phase in (_PERTURBED, _SKIPPED) and self._policy_before is not None:
+            # the step is to be retried: a "decide" plan decides again, from its state before
+            self._policy.load_state_dict(self._policy_before)
+            self._policy_before = None
         self._phase = _IDLE
         self._first_pass_found_inf = {}
+        self._first_pass_record = None
 
     def _run_closure(self, closure: Callable[[], Tensor], which: str) -> Tensor:
         with torch.enable_grad():
@@ -470,6 +603,11 @@ class SAM(torch.optim.Optimizer):
                    else self._skipped_device + self._skipped_host)
         state["samfast"] = {"format": _STATE_FORMAT, "sam_enabled": self.sam_enabled,
                             "skipped_steps": skipped}
+        if self._policy is not None:
+            own = self._policy.state_dict()
+            if isinstance(self._policy, _policies.LookSAM):
+                own["looksam"] = self._backend.looksam_state(self._params_in_order())
+            state["samfast"]["policy"] = own
         return state
 
     def _validate_state_dict(self, state_dict: dict, own: dict) -> None:
@@ -512,6 +650,40 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"Invalid state_dict: samfast.skipped_steps is {skipped!r}")
         if not isinstance(own.get("sam_enabled", True), bool):
             raise ValueError("Invalid state_dict: samfast.sam_enabled must be a bool")
+        policy = own.get("policy")
+        if policy is not None:
+            if self._policy is None:
+                raise ValueError("Invalid state_dict: it holds the state of a "
+                                 f"{policy.get('name') if isinstance(policy, dict) else '?'!r} "
+                                 "policy and this optimizer has none (set opt.policy first)")
+            self._policy.check_state_dict(policy)
+            if isinstance(self._policy, _policies.LookSAM):
+                self._check_looksam_state(policy.get("looksam"), params)
+
+    @staticmethod
+    def _check_looksam_state(state, params: list[Tensor]) -> None:
+        if not isinstance(state, dict):
+            raise ValueError("Invalid state_dict: the LookSAM policy state has no 'looksam' "
+                             "entry (g_v)")
+        gvs = state.get("gv")
+        if not isinstance(gvs, list) or len(gvs) != len(params):
+            raise ValueError("Invalid state_dict: LookSAM's g_v must be a list with one entry "
+                             f"per param ({len(params)})")
+        for i, (gv, p) in enumerate(zip(gvs, params)):
+            if gv is not None and (not isinstance(gv, Tensor) or gv.shape != p.shape
+                                   or not gv.is_floating_point()):
+                got = tuple(gv.shape) if isinstance(gv, Tensor) else type(gv).__name__
+                raise ValueError(f"Invalid state_dict: LookSAM's g_v of param {i} is {got}, "
+                                 f"the param has shape {tuple(p.shape)}")
+        sq, valid = state.get("gv_sq_norm"), state.get("gv_valid")
+        if sq is not None and (not isinstance(sq, Tensor) or sq.numel() != 1
+                               or not sq.is_floating_point()):
+            raise ValueError("Invalid state_dict: LookSAM's gv_sq_norm must be a one-element "
+                             "floating tensor")
+        if valid is not None and not (isinstance(valid, Tensor) and valid.numel() == 1
+                                      and valid.dtype == torch.bool):
+            raise ValueError("Invalid state_dict: LookSAM's gv_valid must be a one-element "
+                             "bool tensor")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim``: every value is validated first (shapes, option values, a finite
@@ -539,6 +711,15 @@ class SAM(torch.optim.Optimizer):
         self.sam_enabled = own.get("sam_enabled", True)
         skipped = own.get("skipped_steps", 0)
         self.skipped_steps = int(skipped)
+        policy = own.get("policy")
+        if policy is not None:  # absent (e.g. a snapshot of an SGD run): the policy starts anew
+            self._policy.load_state_dict(policy)
+            if isinstance(self._policy, _policies.LookSAM):
+                looksam = policy["looksam"]
+                self._backend.load_looksam_state(self._params_in_order(), {
+                    "gv": looksam["gv"], "gv_sq_norm": looksam.get("gv_sq_norm"),
+                    "gv_valid": looksam.get("gv_valid", torch.tensor(False))})
+        self._plan = self._policy_before = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim``: with ``set_to_none`` every ``p.grad`` becomes None; otherwise
@@ -550,7 +731,8 @@ class SAM(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(base_optimizer={type(self.base_optimizer).__name__}, "
-                f"backend={self.backend!r}, sam_enabled={self.sam_enabled})\n"
+                f"backend={self.backend!r}, sam_enabled={self.sam_enabled}, "
+                f"policy={self._policy!r})\n"
                 + super().__repr__())
 
 

@@ -14,6 +14,12 @@ a copy of a gradient autograd has just written (in cache for all but the largest
 Skip decisions stay on the device (flags computed from N and the second-pass gradients), so a
 CUDA step has no host sync; on the CPU they are turned into Python bools at once, which costs
 nothing and lets ``step(closure)`` skip the second pass exactly like the reference backend.
+
+LookSAM (samfast/policies.py; the maths in samfast/backends/reference.py) adds the g_v buffer,
+one more P, and per full step: copy g into it (2 P), ``looksam_dots`` (read g, g_s: 2 P) and
+``looksam_project_`` (read g_v, g_s; write g_v: 3 P): 18 P. A reuse step: ||g|| (1 P),
+``looksam_reuse_`` (read g, g_v; write g: 3 P), then the base step (6 P with SGD momentum):
+10 P. ||g_v||^2 and whether g_v is valid stay on the device, so neither step syncs.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class FusedBackend:
         self._lr_cache: dict[torch.device, tuple[float, Tensor]] = {}
         self._flags: dict[torch.device, Tensor] = {}
         self._warned_sync = False
+        # LookSAM: ||g_v||^2 and whether g_v is valid, 0-d tensors on the first bucket's device
+        self._gv_sq: Tensor | None = None
+        self._gv_valid: Tensor | None = None
 
     @property
     def _optimizer(self):
@@ -109,7 +118,8 @@ class FusedBackend:
 
     # -- the step -----------------------------------------------------------------------------
 
-    def first_step(self, groups: list[dict], agree_skip=None) -> bool | Tensor:
+    def first_step(self, groups: list[dict], agree_skip=None,
+                   store_grad: bool = False) -> bool | Tensor:
         masks = [b.active_mask() for b in self.buckets]
         if not any(any(m) for m in masks):
             raise RuntimeError(
@@ -138,6 +148,8 @@ class FusedBackend:
             # that the restore is right whichever params get a gradient in the second pass.
             for s, e in bucket.inactive_runs(mask):
                 bucket.backup[s:e].copy_(bucket.param[s:e])
+        if store_grad:
+            self._store_grad(masks)
         self._skip = skip
         return _host_flag(skip)
 
@@ -194,11 +206,14 @@ class FusedBackend:
             if momentum != 0 and any(mask):
                 bucket.momentum_stepped(mask, _host_flag(bskip), state)
 
-    def second_step(self, groups: list[dict], base_step) -> bool | Tensor:
+    def second_step(self, groups: list[dict], base_step,
+                    project: bool = False) -> bool | Tensor:
         masks = [b.active_mask() for b in self.buckets]
         device = self._skip.device
         skip = self._skip | self._nonfinite_flag(masks, device)
         self._skip = None
+        if project:
+            self._project(masks, skip)
         if self._sgd_fast_path:
             self._sgd_update(groups, masks, skip, restore=True)
         else:
@@ -232,15 +247,141 @@ class FusedBackend:
         finally:
             del base.grad_scale, base.found_inf
 
-    def base_step(self, groups: list[dict], base_step) -> bool | Tensor:
+    def base_step(self, groups: list[dict], base_step, reuse=None) -> bool | Tensor:
+        """The base step; ``reuse`` = (alpha, eps): a LookSAM step between full ones, whose
+        gradient g + alpha ||g|| / (||g_v|| + eps) g_v is made in place first."""
         masks = [b.active_mask() for b in self.buckets]
         if not any(any(m) for m in masks):
             return False
         device = next(b.device for b, m in zip(self.buckets, masks) if any(m))
         skip = self._nonfinite_flag(masks, device)
+        if reuse is not None:
+            skip = skip | self._reuse(masks, *reuse).to(device)
         if self._sgd_fast_path:
             self._sgd_update(groups, masks, skip, restore=False)
         else:
             self._base_step(base_step, skip)
         return _host_flag(skip)
 
+
+    # -- LookSAM ------------------------------------------------------------------------------
+
+    def missing_ops(self, names) -> list[str]:
+        """The ops of ``names`` this backend's namespace has no kernel for on its devices
+        (a samfast._C built before they existed)."""
+        keys = {"CUDA" if b.device.type == "cuda" else "CPU" for b in self.buckets} or {"CPU"}
+        return [name for name in names for key in sorted(keys)
+                if not torch._C._dispatch_has_kernel_for_dispatch_key(
+                    f"{self.ops.name}::{name}", key)]
+
+    def _gv_flags(self) -> None:
+        if self._gv_sq is None:
+            device = self.buckets[0].device
+            acc = (torch.float64 if any(b.dtype == torch.float64 for b in self.buckets)
+                   else torch.float32)
+            self._gv_sq = torch.zeros((), dtype=acc, device=device)
+            self._gv_valid = torch.zeros((), dtype=torch.bool, device=device)
+
+    def _store_grad(self, masks: list[list[bool]]) -> None:
+        """A full step's first pass: the g_v buffer takes g (zero where a param has no
+        gradient), which the projection turns into g_v; until then g_v is not valid."""
+        self._gv_flags()
+        for bucket, mask in zip(self.buckets, masks):
+            bucket.ensure_gv()
+            for s, e in bucket.runs(mask):
+                bucket.gv[s:e].copy_(bucket.grad[s:e])
+            for s, e in bucket.inactive_runs(mask):
+                bucket.gv[s:e].zero_()
+        self._gv_valid.fill_(False)
+
+    def _project(self, masks: list[list[bool]], skip: Tensor) -> None:
+        """g_v <- g_s - (g . g_s / ||g||^2) g over every param (a missing g_s is zero), unless
+        ``skip``; then g_v is valid unless ``skip``."""
+        sq, device = self._gv_sq, self._gv_sq.device
+        dots, squares = [], []
+        for bucket, mask in zip(self.buckets, masks):
+            for s, e in bucket.runs(mask):
+                both = self.ops.looksam_dots(bucket.gv[s:e], bucket.grad[s:e]).to(device, sq.dtype)
+                dots.append(both[0])
+                squares.append(both[1])
+            for s, e in bucket.inactive_runs(mask):
+                squares.append(self.ops.sq_norm(bucket.gv[s:e], bucket.gv[s:e], False, 0.0)
+                               .to(device, sq.dtype))
+        dot = torch.stack(dots).sum() if dots else torch.zeros_like(sq)
+        gg = torch.stack(squares).sum()
+        coef = torch.where(gg > 0, dot / gg, torch.zeros_like(gg))  # g = 0: g_v = g_s
+        stored = []
+        for bucket, mask in zip(self.buckets, masks):
+            c = coef.to(bucket.device, compute_dtype(bucket.dtype))
+            bskip = skip.to(bucket.device)
+            for s, e in bucket.runs(mask):
+                stored.append(self.ops.looksam_project_(bucket.gv[s:e], bucket.grad[s:e], c,
+                                                        bskip))
+            for s, e in bucket.inactive_runs(mask):  # rare: a param without g_s
+                zeros = torch.zeros_like(bucket.gv[s:e])
+                stored.append(self.ops.looksam_project_(bucket.gv[s:e], zeros, c, bskip))
+        sq.copy_(torch.stack([t.to(device, sq.dtype) for t in stored]).sum())
+        self._gv_valid.copy_(~skip.to(device))
+
+    def _reuse(self, masks: list[list[bool]], alpha: float, eps: float) -> Tensor:
+        """g <- g + alpha ||g|| / (||g_v|| + eps) g_v over the params with a gradient, unless
+        ||g|| is not finite (returned as the step's skip flag) or g_v is not valid."""
+        self._gv_flags()
+        sq = self._gv_sq
+        terms = [self.ops.sq_norm(b.grad[s:e], b.grad[s:e], False, 0.0).to(sq.device, sq.dtype)
+                 for b, m in zip(self.buckets, masks) for s, e in b.runs(m)]
+        gnorm = torch.stack(terms).sum().sqrt()
+        norm_skip = ~torch.isfinite(gnorm)
+        if all(b.gv is None for b in self.buckets):
+            return norm_skip
+        coef = alpha * gnorm / (sq.sqrt() + eps)
+        reuse_skip = norm_skip | ~self._gv_valid
+        for bucket, mask in zip(self.buckets, masks):
+            c = coef.to(bucket.device, compute_dtype(bucket.dtype))
+            bskip = reuse_skip.to(bucket.device)
+            for s, e in bucket.runs(mask):
+                self.ops.looksam_reuse_(bucket.grad[s:e], bucket.gv[s:e], c, bskip)
+        return norm_skip
+
+    def grad_sq_norm(self, groups: list[dict]) -> Tensor:
+        """||g||^2 over the params with a gradient (AdaptiveSAM's statistic), on the device."""
+        masks = [b.active_mask() for b in self.buckets]
+        active = [(b, m) for b, m in zip(self.buckets, masks) if any(m)]
+        if not active:
+            raise RuntimeError("SAM: no parameter has a gradient; call loss.backward() first")
+        device = active[0][0].device
+        acc = torch.float64 if any(b.dtype == torch.float64 for b, _ in active) else torch.float32
+        return torch.stack([self.ops.sq_norm(b.grad[s:e], b.grad[s:e], False, 0.0).to(device, acc)
+                            for b, m in active for s, e in b.runs(m)]).sum()
+
+    def looksam_state(self, params: list[Tensor]) -> dict:
+        """g_v per param (views of the flat buffer; None where none is allocated), ||g_v||^2
+        and whether g_v is valid."""
+        views = {}
+        for bucket in self.buckets:
+            if bucket.gv is not None:
+                views.update(zip(map(id, bucket.params), bucket.gv_views))
+        return {"gv": [views.get(id(p)) for p in params], "gv_sq_norm": self._gv_sq,
+                "gv_valid": self._gv_valid}
+
+    @torch.no_grad()
+    def load_looksam_state(self, params: list[Tensor], state: dict) -> None:
+        loaded = dict(zip(map(id, params), state["gv"]))
+        for bucket in self.buckets:
+            bucket.ensure_gv()
+            for p, view in zip(bucket.params, bucket.gv_views):
+                gv = loaded.get(id(p))
+                if gv is None:
+                    view.zero_()
+                elif gv is not view:
+                    view.copy_(gv)
+        self._gv_flags()
+        complete = all(gv is not None for gv in state["gv"]) and state["gv_sq_norm"] is not None
+        if state["gv_sq_norm"] is not None:
+            self._gv_sq.copy_(state["gv_sq_norm"])
+        self._gv_valid.copy_(torch.as_tensor(state["gv_valid"]) & complete)
+
+    def release_gv(self) -> None:
+        for bucket in self.buckets:
+            bucket.release_gv()
+        self._gv_sq = self._gv_valid = None

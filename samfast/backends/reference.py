@@ -14,6 +14,15 @@ normalize, sam_eps)::
 
 N is accumulated in float32, or float64 when any gradient is float64. Half-precision weights
 are updated in float32 and rounded once (w <- round(float(w) + e)), as the fused kernels do.
+
+LookSAM (samfast/policies.py), with a missing gradient taken as a zero vector and sums over
+every param of every group, accumulated like N (float64 if any param is float64):
+
+    full step:   g_v <- g_s - c g,   c = (g . g_s) / ||g||^2   (0 when g = 0)
+    reuse step:  g   <- g + alpha ||g|| / (||g_v|| + eps) g_v  (params with a gradient)
+
+each element in the compute dtype and rounded once to the param's dtype; ||g_v|| is that of
+g_v as stored.
 """
 
 from __future__ import annotations
@@ -94,6 +103,12 @@ def grad_norm(groups: list[dict], device: torch.device) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def plain_sq_norm(params: list[Tensor], acc: torch.dtype, device) -> Tensor:
+    """sum of g^2 over ``params`` (all with a gradient), accumulated in ``acc``."""
+    terms = [p.grad.detach().to(acc).square().sum().to(device) for p in params]
+    return torch.stack(terms).sum() if terms else torch.zeros((), dtype=acc, device=device)
+
+
 def grads_finite(params: list[Tensor]) -> bool:
     """True when every gradient entry is finite (max |g| per tensor; NaN propagates)."""
     for bucket in bucket_by_device_and_dtype(params).values():
@@ -140,6 +155,10 @@ class ReferenceBackend:
         self._optimizer_ref = None
         self._perturbed: list[Tensor] = []
         self._backups: list[Tensor] = []
+        # LookSAM: g_v per param, ||g_v||^2 and whether g_v is valid (see the module docstring)
+        self._gv: dict[Tensor, Tensor] = {}
+        self._gv_sq: Tensor | None = None
+        self._gv_valid = False
 
     def bind(self, optimizer) -> None:
         self._optimizer_ref = weakref.ref(optimizer)  # no cycle: see FusedBackend
@@ -163,8 +182,9 @@ class ReferenceBackend:
     def unstarted_momentum(self) -> list[Tensor]:
         return []  # the base optimizer keeps its own state: exactly torch's
 
-    def first_step(self, groups: list[dict], agree_skip=None) -> bool:
-        """Ascent, unless N is not finite (then nothing changes and True is returned)."""
+    def first_step(self, groups: list[dict], agree_skip=None, store_grad: bool = False) -> bool:
+        """Ascent, unless N is not finite (then nothing changes and True is returned). With
+        ``store_grad`` (a LookSAM full step) g is kept for the projection in second_step."""
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
         if not with_grad:
             raise RuntimeError(
@@ -174,8 +194,14 @@ class ReferenceBackend:
         skip = ~torch.isfinite(norm)
         if agree_skip is not None:
             agree_skip(skip)
+        if store_grad:
+            self._gv_valid = False  # until this step's projection completes
         if bool(skip):
             return True
+        if store_grad:
+            for p in (p for g in groups for p in g["params"]):
+                self._gv[p] = (p.grad.detach().clone() if p.grad is not None
+                               else torch.zeros_like(p, memory_format=torch.preserve_format))
         for group in groups:
             params = [p for p in group["params"] if p.grad is not None]
             self._backups.extend(ascent_(group, params, norm))
@@ -187,19 +213,84 @@ class ReferenceBackend:
         restore_(self._perturbed, self._backups)
         self._perturbed, self._backups = [], []
 
-    def second_step(self, groups: list[dict], base_step) -> bool:
-        """Restore, then ``base_step()`` unless a second-pass gradient is not finite."""
+    def second_step(self, groups: list[dict], base_step, project: bool = False) -> bool:
+        """Restore, then ``base_step()`` unless a second-pass gradient is not finite. With
+        ``project`` (a LookSAM full step) g_v is computed from g and the gradients g_s."""
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
         finite = grads_finite(with_grad)
         restore_(self._perturbed, self._backups)
         self._perturbed, self._backups = [], []
         if finite:
+            if project:
+                self._project([p for g in groups for p in g["params"]])
             base_step()
         return not finite
 
-    def base_step(self, groups: list[dict], base_step) -> bool:
+    def _project(self, params: list[Tensor]) -> None:
+        """g_v <- g_s - (g . g_s / ||g||^2) g, where self._gv holds g."""
+        acc = norm_dtype(params)
+        device = params[0].device
+        dot = torch.zeros((), dtype=acc, device=device)
+        gg = torch.zeros((), dtype=acc, device=device)
+        for p in params:
+            g = self._gv[p].to(acc)
+            gg = gg + g.square().sum().to(device)
+            if p.grad is not None:
+                dot = dot + (g * p.grad.detach().to(acc)).sum().to(device)
+        coef = dot / gg if float(gg) > 0 else torch.zeros_like(gg)
+        sq = torch.zeros((), dtype=acc, device=device)
+        for p in params:
+            cdtype = compute_dtype(p.dtype)
+            g = self._gv[p]
+            gs = (p.grad.detach().to(cdtype) if p.grad is not None
+                  else torch.zeros_like(g, dtype=cdtype))
+            g.copy_(gs - coef.to(g.device, cdtype) * g.to(cdtype))
+            sq = sq + g.to(acc).square().sum().to(device)
+        self._gv_sq, self._gv_valid = sq, True
+
+    def grad_sq_norm(self, groups: list[dict]) -> Tensor:
+        """||g||^2 over the params with a gradient (AdaptiveSAM's statistic)."""
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
+        if not with_grad:
+            raise RuntimeError("SAM: no parameter has a gradient; call loss.backward() first")
+        return plain_sq_norm(with_grad, norm_dtype(with_grad), with_grad[0].device)
+
+    def base_step(self, groups: list[dict], base_step, reuse=None) -> bool:
+        """The base optimizer's step, unless a gradient is not finite. ``reuse`` = (alpha,
+        eps): a LookSAM step between full ones: g <- g + alpha ||g|| / (||g_v|| + eps) g_v
+        first (skipped, as a SAM step is, when ||g|| is not finite)."""
+        with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
+        if reuse is not None and with_grad:
+            alpha, eps = reuse
+            params = [p for g in groups for p in g["params"]]
+            gnorm = plain_sq_norm(with_grad, norm_dtype(params), with_grad[0].device).sqrt()
+            if not bool(torch.isfinite(gnorm)):
+                return True
+            if self._gv_valid:
+                coef = alpha * gnorm / (self._gv_sq.sqrt() + eps)
+                for p in with_grad:
+                    cdtype = compute_dtype(p.dtype)
+                    g = p.grad.detach()
+                    g.copy_(g.to(cdtype) + coef.to(g.device, cdtype) * self._gv[p].to(cdtype))
         if not grads_finite(with_grad):
             return True
         base_step()
         return False
+
+    # -- LookSAM state (checkpoints) ------------------------------------------------------------
+
+    def looksam_state(self, params: list[Tensor]) -> dict:
+        """g_v per param (None where none is stored), ||g_v||^2 and whether g_v is valid."""
+        return {"gv": [self._gv.get(p) for p in params],
+                "gv_sq_norm": self._gv_sq, "gv_valid": torch.tensor(self._gv_valid)}
+
+    def load_looksam_state(self, params: list[Tensor], state: dict) -> None:
+        self._gv = {p: gv.to(p.device, p.dtype).clone() for p, gv in zip(params, state["gv"])
+                    if gv is not None}
+        sq = state["gv_sq_norm"]
+        self._gv_sq = None if sq is None else sq.to(params[0].device).clone()
+        self._gv_valid = bool(state["gv_valid"]) and self._gv_sq is not None \
+            and len(self._gv) == len(params)
+
+    def release_gv(self) -> None:
+        self._gv, self._gv_sq, self._gv_valid = {}, None, False

@@ -1,0 +1,394 @@
+"""SAM policies (samfast/policies.py) on every backend against an independent float64
+reference, written here from the papers' equations one tensor at a time (no samfast code):
+
+* SwitchSchedule: SAM on the epochs it says (here one step per epoch);
+* Interval(k) (Composer): SAM on steps t with (t + 1) % k == 0;
+* LookSAM(k, alpha) (Liu et al., CVPR 2022, Algorithm 1): on t % k == 0 a SAM step that
+  stores g_v = g_s - (g . g_s / ||g||^2) g; otherwise g + alpha ||g|| / (||g_v|| + eps) g_v;
+* RandomSwitch(p, seed) (Zhao et al., 2022): SAM when the step's draw u_t < p;
+* AdaptiveSAM (Jiang et al., ICLR 2023): SAM when ||g||^2 >= mu_t + c_t sigma_t.
+
+Then: composition with sam_enabled, both closure conventions, a mid-run resume through
+torch.save / torch.load(weights_only=True) that continues bit-identically, and the edge cases
+(a skipped LookSAM full step drops g_v; an aborted AdaptiveSAM step decides again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+
+import pytest
+import torch
+
+import samfast
+from ground_truth import GroundTruthSAM, GTGroup
+from problems import _backward, build_samfast, grad_of, make_problem, max_abs_error, seed_for
+
+BACKENDS = samfast.available_backends("cpu")
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+# Odd sizes and a 0-d param; 100003 makes every fused kernel run several programs.
+SIZES = [(), (7,), (3, 5), (100003,), (4, 3, 3, 3)]
+STEPS = 8
+SGD = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, rho=0.1)
+
+
+# =============================================================================================
+# the independent reference: the policies' decisions and LookSAM's algebra, float64 per tensor
+# =============================================================================================
+
+def ref_uniform(seed: int, t: int) -> float:
+    """RandomSwitch's documented draw: the first 56 bits of SHA-256("samfast.RandomSwitch:
+    seed:t") over 2^56."""
+    digest = hashlib.sha256(f"samfast.RandomSwitch:{seed}:{t}".encode()).digest()
+    return int.from_bytes(digest[:7], "big") / 2.0 ** 56
+
+
+class RefPolicy:
+    """Decides the plan of step t: "sam", "base", "full" (LookSAM SAM step) or "reuse"."""
+
+    def __init__(self, kind: str, **opts) -> None:
+        self.kind, self.opts, self.t = kind, opts, 0
+        self.mu = self.var = 0.0
+
+    def plan(self, g_sq: float) -> str:
+        o, t = self.opts, self.t
+        if self.kind == "none":
+            return "sam"
+        if self.kind == "interval":
+            return "sam" if (t + 1) % o["k"] == 0 else "base"
+        if self.kind == "looksam":
+            return "full" if t % o["k"] == 0 else "reuse"
+        if self.kind == "random":
+            return "sam" if ref_uniform(o["seed"], t) < o["p"] else "base"
+        if self.kind == "adaptive":  # Jiang et al. 2023, Algorithm 1
+            d = o["delta"]
+            self.mu = d * self.mu + (1 - d) * g_sq
+            self.var = d * self.var + (1 - d) * (g_sq - self.mu) ** 2
+            frac = min(t, o["total_steps"]) / o["total_steps"]
+            c = o["lambda1"] * frac + o["lambda2"] * (1 - frac)
+            return "sam" if g_sq >= self.mu + c * math.sqrt(self.var) else "base"
+        raise ValueError(self.kind)
+
+
+def make_policy(kind: str, **opts):
+    return {"none": lambda: None,
+            "interval": lambda: samfast.Interval(opts["k"]),
+            "looksam": lambda: samfast.LookSAM(opts["k"], opts["alpha"]),
+            "random": lambda: samfast.RandomSwitch(opts["p"], seed=opts["seed"]),
+            "adaptive": lambda: samfast.AdaptiveSAM(opts["total_steps"], opts["delta"],
+                                                    opts["lambda1"], opts["lambda2"])}[kind]()
+
+
+POLICIES = {
+    "interval": ("interval", dict(k=3)),
+    "looksam": ("looksam", dict(k=3, alpha=0.7)),
+    "random": ("random", dict(p=0.4, seed=11)),
+    # a constant threshold below the mean: SAM on most steps, but not all
+    "adaptive": ("adaptive", dict(total_steps=STEPS, delta=0.5, lambda1=-0.3, lambda2=-0.3)),
+}
+
+
+def run_reference(problem, kind, opts, enabled, dtype=torch.float64):
+    """The whole run in ``dtype`` (float64: the ground truth); returns (weights, plans)."""
+    gt = GroundTruthSAM([w.to(dtype).clone() for w in problem.init], problem.groups, "sgd")
+    policy = RefPolicy(kind, **opts)
+    gv, alpha, plans = None, opts.get("alpha"), []
+    for t in range(problem.steps):
+        m1, m2 = problem.masks[t]
+        g1 = [grad_of(w, c) if has else None
+              for w, c, has in zip(gt.weights, problem.coeffs[t], m1)]
+        if not enabled[t]:
+            plans.append("base")
+            gt.base_step(g1)
+            continue
+        g_sq = sum(float(g.double().square().sum()) for g in g1 if g is not None)
+        plan = policy.plan(g_sq)
+        policy.t += 1
+        plans.append(plan)
+        if plan in ("sam", "full"):
+            saved = gt.first_step(g1)
+            g2 = [grad_of(w, c) if has else None
+                  for w, c, has in zip(gt.weights, problem.coeffs[t], m2)]
+            if plan == "full":  # a missing gradient is a zero vector
+                g = [x if x is not None else torch.zeros_like(w) for x, w in zip(g1, gt.weights)]
+                gs = [x if x is not None else torch.zeros_like(w) for x, w in zip(g2, gt.weights)]
+                dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g, gs))
+                gg = sum(float(a.double().square().sum()) for a in g)
+                coef = dot / gg if gg > 0 else 0.0
+                gv = [b - coef * a for a, b in zip(g, gs)]
+            gt.second_step(saved, g2)
+        elif plan == "reuse" and gv is not None:
+            g_norm = math.sqrt(g_sq)
+            gv_norm = math.sqrt(sum(float(v.double().square().sum()) for v in gv))
+            coef = alpha * g_norm / (gv_norm + 1e-12)
+            gt.base_step([None if g is None else g + coef * v for g, v in zip(g1, gv)])
+        else:
+            gt.base_step(g1)
+    return gt.weights, plans
+
+
+def assert_close_to_reference(params, problem, kind, opts, enabled, dtype, plans):
+    """fp64: 1e-10 relative and the same plans; lower precisions: at most 2x the error of the
+    same per-tensor maths run at ``dtype`` plus one ulp of the largest weight."""
+    ref, ref_plans = run_reference(problem, kind, opts, enabled)
+    assert plans == ref_plans
+    scale = max(float(r.abs().max()) for r in ref if r.numel())
+    err = max_abs_error(params, ref)
+    if dtype == torch.float64:
+        assert err <= 1e-10 * scale, f"fp64 error {err:.3e}"
+        return
+    baseline, _ = run_reference(problem, kind, opts, enabled, dtype)
+    baseline_err = max_abs_error(baseline, ref)
+    ulp = torch.finfo(dtype).eps * scale
+    assert err <= 2 * baseline_err + ulp, f"{dtype}: {err:.3e} vs 2 x {baseline_err:.3e} + {ulp:.1e}"
+
+
+# =============================================================================================
+# samfast runs: the explicit API and both closure conventions
+# =============================================================================================
+
+def problem_for(name: str, steps: int = STEPS, masks=None):
+    group = GTGroup(params=list(range(len(SIZES))), **SGD)
+    return make_problem(seed_for(name), [group], steps=steps, sizes=SIZES, masks=masks)
+
+
+def explicit_step(opt, params, problem, t):
+    m1, m2 = problem.masks[t]
+    if not opt.sam_enabled:
+        _backward(params, problem.coeffs[t], m1)
+        opt.base_step(zero_grad=True)
+        return "base"
+    plan = opt.plan_step()
+    _backward(params, problem.coeffs[t], m1)
+    opt.first_step(zero_grad=True)
+    two = opt.perturbed
+    if two:
+        _backward(params, problem.coeffs[t], m2)
+    opt.second_step(zero_grad=True)
+    return {"sam": "sam", "base": "base", "looksam_full": "full", "looksam_reuse": "reuse",
+            "decide": "sam" if two else "base"}[plan]
+
+
+def closure_for(params, problem, t, calls):
+    def closure():
+        mask = problem.masks[t][len(calls)]
+        calls.append(1)
+        terms = [(p * grad_of(p, c)).sum() for p, c, has in zip(params, problem.coeffs[t], mask)
+                 if has]
+        loss = torch.stack([x.double() for x in terms]).sum()
+        loss.backward()
+        return loss
+    return closure
+
+
+def run(problem, dtype, backend, kind, opts, enabled=None, style="explicit", start=0,
+        resume_from=None):
+    """Steps [start, problem.steps) with samfast; returns (params, opt, plans)."""
+    enabled = enabled or [True] * problem.steps
+    params, opt = build_samfast(problem, dtype, "sgd", backend)
+    opt.policy = make_policy(kind, **opts)
+    if resume_from is not None:
+        weights, state = resume_from
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        opt.load_state_dict(state)
+    plans = []
+    for t in range(start, problem.steps):
+        opt.sam_enabled = enabled[t]
+        if style == "explicit":
+            plans.append(explicit_step(opt, params, problem, t))
+            continue
+        calls = []
+        before = opt.counters["sam_steps"]
+        if style == "backward_first":  # davda54 / pytorch-optimizer: the first pass is ours
+            closure_for(params, problem, t, calls)()
+            assert opt.step(closure_for(params, problem, t, calls)) is None
+        else:
+            opt.step(closure_for(params, problem, t, calls))
+        assert len(calls) == 1 + (opt.counters["sam_steps"] - before)
+        opt.zero_grad()
+        plans.append(None)
+    return params, opt, plans
+
+
+# =============================================================================================
+# tests
+# =============================================================================================
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_matches_float64_reference(backend, policy, dtype):
+    """Every step's plan and the weights after 8 steps; some steps have params without a
+    gradient in one pass (so LookSAM's zeros and the masked runs of the fused kernels count),
+    and sam_enabled is off for two steps (a plain base step that does not advance the policy)."""
+    kind, opts = POLICIES[policy]
+    n = len(SIZES)
+    on = [True] * n
+    masks = [(on, on)] * STEPS
+    masks[1] = ([i != 2 for i in range(n)], [i != 3 for i in range(n)])
+    masks[3] = ([i != 0 for i in range(n)], on)
+    enabled = [True, True, True, False, True, True, False, True]
+    problem = problem_for(f"{backend}{policy}{dtype}", masks=masks)
+    params, opt, plans = run(problem, dtype, backend, kind, opts, enabled)
+    assert opt.backend == backend and opt.skipped_steps == 0
+    assert opt.policy.step == sum(enabled)
+    assert_close_to_reference(params, problem, kind, opts, enabled, dtype, plans)
+    ref_plans = run_reference(problem, kind, opts, enabled)[1]
+    assert {"sam", "base"} <= set(ref_plans) or {"full", "reuse"} <= set(ref_plans), ref_plans
+    counters = opt.counters
+    assert counters["steps"] == STEPS
+    assert counters["sam_steps"] == sum(p in ("sam", "full") for p in ref_plans)
+    assert counters["passes"] == STEPS + counters["sam_steps"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_switch_schedule_is_a_policy_of_whole_epochs(backend):
+    """SwitchSchedule (unchanged) sets sam_enabled per epoch: with one step per epoch and no
+    per-step policy, SAM exactly on its SAM epochs; with Interval(2) inside its SAM phase,
+    SAM every second step of that phase (the policy counts only steps it was consulted on)."""
+    problem = problem_for(f"switch{backend}")
+    schedule = samfast.SwitchSchedule(STEPS, sam_start=3)
+    enabled = [schedule.sam_at(t) for t in range(STEPS)]
+    for kind, opts in (("none", {}), ("interval", dict(k=2))):
+        params, opt = build_samfast(problem, torch.float64, "sgd", backend)
+        opt.policy = make_policy(kind, **opts)
+        plans = []
+        for t in range(STEPS):
+            schedule.apply(opt, t)
+            plans.append(explicit_step(opt, params, problem, t))
+        assert_close_to_reference(params, problem, kind, opts, enabled, torch.float64, plans)
+        sam_steps = [t for t, p in enumerate(plans) if p == "sam"]
+        assert sam_steps == ([3, 4, 5, 6, 7] if kind == "none" else [4, 6])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_closure_conventions_equal_the_explicit_api(backend, policy):
+    kind, opts = POLICIES[policy]
+    problem = problem_for(f"closure{backend}{policy}")
+    explicit, _, _ = run(problem, torch.float32, backend, kind, opts)
+    for style in ("closure", "backward_first"):
+        params, opt, _ = run(problem, torch.float32, backend, kind, opts, style=style)
+        assert all(torch.equal(a, b) for a, b in zip(params, explicit)), style
+        assert opt.policy.step == STEPS
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_run_is_bit_identical(backend, policy):
+    """Steps 0..4, state_dict through torch.save / torch.load(weights_only=True) into a fresh
+    optimizer whose policy is freshly built (RandomSwitch with another seed: the seed is part
+    of the saved state), steps 5..7: bitwise the uninterrupted run, params and momentum."""
+    kind, opts = POLICIES[policy]
+    problem = problem_for(f"resume{backend}{policy}")
+    straight, opt_a, _ = run(problem, torch.float32, backend, kind, opts)
+    cut = 5
+    first = problem_for(f"resume{backend}{policy}", steps=cut)
+    first.coeffs, first.masks = problem.coeffs[:cut], problem.masks[:cut]
+    params, opt, _ = run(first, torch.float32, backend, kind, opts)
+    buf = io.BytesIO()
+    torch.save({"w": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved["opt"]["samfast"]["policy"]["name"] == kind
+    assert saved["opt"]["samfast"]["policy"]["step"] == cut
+    fresh_opts = {**opts, "seed": 99} if kind == "random" else opts
+    resumed, opt_b, _ = run(problem, torch.float32, backend, kind, fresh_opts, start=cut,
+                            resume_from=(saved["w"], saved["opt"]))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    for i in sa["state"]:
+        assert torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"])
+    pa, pb = sa["samfast"]["policy"], sb["samfast"]["policy"]
+    if kind == "looksam":
+        la, lb = pa.pop("looksam"), pb.pop("looksam")
+        assert all(torch.equal(a, b) for a, b in zip(la["gv"], lb["gv"]))
+        assert torch.equal(la["gv_sq_norm"], lb["gv_sq_norm"]) and bool(lb["gv_valid"])
+    assert pa == pb
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skipped_looksam_full_step_drops_g_v(backend):
+    """A non-finite second-pass gradient skips the full step (weights and momentum unchanged)
+    and leaves no g_v: the reuse steps after it are plain base steps, as the reference says
+    when no g_v was stored."""
+    problem = problem_for(f"skip{backend}", steps=3)
+    params, opt = build_samfast(problem, torch.float64, "sgd", backend)
+    opt.policy = samfast.LookSAM(k=3, alpha=0.7)
+    before = [p.detach().clone() for p in params]
+    for t, plan in enumerate(["full", "reuse", "reuse"]):
+        _backward(params, problem.coeffs[t], problem.masks[t][0])
+        opt.first_step(zero_grad=True)
+        if opt.perturbed:
+            _backward(params, problem.coeffs[t], problem.masks[t][1])
+            params[1].grad[0] = float("nan")
+        opt.second_step(zero_grad=True)
+        if plan == "full":
+            assert opt.skipped_steps == 1
+            # w restored bit-exactly; no momentum buffer started
+            assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+            assert not opt.state_dict()["state"]
+    gt = GroundTruthSAM([w.clone() for w in problem.init], problem.groups, "sgd")
+    for t in (1, 2):
+        gt.base_step([grad_of(w, c) for w, c in zip(gt.weights, problem.coeffs[t])])
+    assert max_abs_error(params, gt.weights) <= 1e-10 * max(float(w.abs().max()) for w in gt.weights)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_aborted_adaptive_step_decides_again_from_the_same_statistics(backend):
+    problem = problem_for(f"abort{backend}", steps=1)
+    params, opt = build_samfast(problem, torch.float64, "sgd", backend)
+    opt.policy = samfast.AdaptiveSAM(total_steps=10, lambda1=-5.0, lambda2=-5.0)  # always SAM
+    _backward(params, problem.coeffs[0], problem.masks[0][0])
+    opt.first_step(zero_grad=True)
+    assert opt.perturbed
+    state = opt.policy.state_dict()
+    opt.abort_step()
+    assert opt.policy.state_dict() == {"name": "adaptive", "step": 0, "mean": 0.0, "var": 0.0}
+    _backward(params, problem.coeffs[0], problem.masks[0][0])
+    opt.first_step(zero_grad=True)
+    assert opt.policy.state_dict() == state
+
+
+def test_policy_arguments_and_states_are_checked():
+    for make, name in ((lambda: samfast.Interval(0), "k"), (lambda: samfast.Interval(2.0), "k"),
+                       (lambda: samfast.LookSAM(alpha=-1), "alpha"),
+                       (lambda: samfast.RandomSwitch(1.5), "p"),
+                       (lambda: samfast.RandomSwitch(0.5, seed=-1), "seed"),
+                       (lambda: samfast.AdaptiveSAM(0), "total_steps"),
+                       (lambda: samfast.AdaptiveSAM(10, delta=1.0), "delta"),
+                       (lambda: samfast.RandomSwitch.linear(0.1, 2.0, 10), "p_end")):
+        with pytest.raises(ValueError, match=f"Invalid {name}"):
+            make()
+    params = [torch.nn.Parameter(torch.randn(5))]
+    opt = samfast.SAM(params, lr=0.1, backend="reference")
+    with pytest.raises(TypeError, match="Invalid policy"):
+        opt.policy = "interval"
+    opt.policy = samfast.Interval(2)
+    sd = opt.state_dict()
+    other = samfast.SAM(params, lr=0.1, backend="reference", policy=samfast.LookSAM())
+    with pytest.raises(ValueError, match="'interval'"):
+        other.load_state_dict(sd)
+    bare = samfast.SAM(params, lr=0.1, backend="reference")
+    with pytest.raises(ValueError, match="has none"):
+        bare.load_state_dict(sd)
+    sd["samfast"]["policy"]["step"] = -1
+    with pytest.raises(ValueError, match="policy step"):
+        opt.load_state_dict(sd)
+    assert opt.policy.step == 0
+    linear = samfast.RandomSwitch.linear(0.0, 1.0, total_steps=4)
+    assert [linear.probability(t) for t in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_random_switch_runs_sam_on_about_p_of_the_steps():
+    policy = samfast.RandomSwitch(0.25, seed=3)
+    sam = 0
+    for _ in range(4000):
+        sam += policy.plan() == "sam"
+        policy.advance()
+    assert abs(sam / 4000 - 0.25) < 0.03  # 4.4 standard deviations
+
