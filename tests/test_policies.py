@@ -229,8 +229,13 @@ def test_policy_matches_float64_reference(backend, policy, dtype):
     n = len(SIZES)
     on = [True] * n
     masks = [(on, on)] * STEPS
-    masks[1] = ([i != 2 for i in range(n)], [i != 3 for i in range(n)])
-    masks[3] = ([i != 0 for i in range(n)], on)
+    # params without a gradient in one pass, on steps of every kind (LookSAM's full steps
+    # are steps 0 and 4, Interval's SAM steps 2 and 7)
+    masks[0] = ([i != 2 for i in range(n)], [i != 3 for i in range(n)])
+    masks[2] = ([i != 0 for i in range(n)], on)
+    masks[4] = ([i != 1 for i in range(n)], [i not in (1, 3) for i in range(n)])
+    masks[5] = ([i != 4 for i in range(n)], on)
+    masks[7] = ([i != 3 for i in range(n)], [i != 3 for i in range(n)])
     enabled = [True, True, True, False, True, True, False, True]
     problem = problem_for(f"{backend}{policy}{dtype}", masks=masks)
     params, opt, plans = run(problem, dtype, backend, kind, opts, enabled)
@@ -382,6 +387,27 @@ def test_policy_arguments_and_states_are_checked():
     assert opt.policy.step == 0
     linear = samfast.RandomSwitch.linear(0.0, 1.0, total_steps=4)
     assert [linear.probability(t) for t in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_adaptive_statistics_and_decisions_follow_the_papers_recursion():
+    """AE-SAM over 300 steps of a drifting, noisy ||g||^2 with the default linear threshold:
+    every decision and the final mean and variance equal the reference recursion's."""
+    gen = torch.Generator().manual_seed(5)
+    values = (torch.linspace(3.0, 1.0, 300, dtype=torch.float64)
+              * torch.exp(0.3 * torch.randn(300, generator=gen, dtype=torch.float64))).tolist()
+    policy = samfast.AdaptiveSAM(total_steps=300)
+    ref = RefPolicy("adaptive", total_steps=300, delta=0.9, lambda1=-1.0, lambda2=1.0)
+    decisions = []
+    for s in values:
+        assert policy.plan() == "decide"
+        decisions.append(policy.decide(s))
+        policy.advance()
+        assert decisions[-1] == (ref.plan(s) == "sam")
+        ref.t += 1
+    assert 0.2 < sum(decisions) / 300 < 0.8
+    assert math.isclose(policy.mean, ref.mu, rel_tol=1e-12)
+    assert math.isclose(policy.var, ref.var, rel_tol=1e-12)
+    assert not policy.decide(float("nan")) and policy.mean == ref.mu  # no update
 
 
 def test_random_switch_runs_sam_on_about_p_of_the_steps():
