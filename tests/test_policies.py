@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -417,4 +419,70 @@ def test_random_switch_runs_sam_on_about_p_of_the_steps():
         sam += policy.plan() == "sam"
         policy.advance()
     assert abs(sam / 4000 - 0.25) < 0.03  # 4.4 standard deviations
+
+
+# =============================================================================================
+# the trainer: --sam-policy, the fraction of SAM steps and the cost of every epoch
+# =============================================================================================
+
+def trainer_args(out, *extra):
+    from samfast.cifar.demo import DEMO_DATA
+    return ["--data-dir", str(DEMO_DATA), "--train-subset", "200", "--test-subset", "100",
+            "--batch-size", "50", "--out", str(out), "--quiet", "--device", "cpu",
+            "--backend", "native" if "native" in BACKENDS else "reference", *extra]
+
+
+def test_trainer_runs_each_policy_counts_its_passes_and_resumes_bit_identically(tmp_path,
+                                                                                 monkeypatch):
+    """4 steps per epoch, SAM from epoch 1 of 3: each policy's SAM steps are counted in the
+    rows (and equal the forward passes the model saw beyond one per step), the cost is in
+    SGD-step equivalents, and a run stopped after epoch 2 and resumed ends bit-identical
+    (RandomSwitch's draws, AE-SAM's statistics and LookSAM's g_v all come from last.pt)."""
+    from samfast.cifar import train as trainer
+    passes: list[int] = []
+    build = trainer.build_model
+
+    def counting_model(*a, **k):
+        model = build(*a, **k)
+        model.register_forward_pre_hook(lambda m, inp: passes.append(1) if m.training else None)
+        return model
+    monkeypatch.setattr(trainer, "build_model", counting_model)
+    common = ("--epochs", "3", "--sam-start", "1", "--deterministic", "--lr-schedule", "cosine")
+    flags = {"interval": ["--interval-k", "2"], "looksam": ["--looksam-k", "3"],
+             "random": ["--random-p", "0.5"], "adaptive": ["--adaptive-lambda1", "0",
+                                                           "--adaptive-lambda2", "0"]}
+    for policy, extra in flags.items():
+        args = trainer_args(tmp_path / policy, *common, "--sam-policy", policy, *extra,
+                            "--snapshot-epochs", "2")
+        passes.clear()
+        summary = trainer.run(trainer.parse_config(args))
+        rows = [json.loads(r) for r in (tmp_path / policy / "metrics.jsonl").read_text().splitlines()]
+        assert [r["steps"] for r in rows] == [4, 4, 4]
+        assert rows[0]["sam_steps"] == 0 and rows[0]["cost_sgd_steps"] >= 4
+        sam_steps = sum(r["sam_steps"] for r in rows)
+        assert len(passes) == 12 + sam_steps == summary["cost"]["passes"]
+        if policy == "interval":
+            assert [r["sam_steps"] for r in rows] == [0, 2, 2]
+        if policy == "looksam":  # full steps at the policy's steps 0, 3, 6
+            assert [r["sam_steps"] for r in rows] == [0, 2, 1]
+        # (AE-SAM's running mean starts at 0, so over 8 steps most are SAM steps)
+        assert 0 < sam_steps < 8 or policy == "adaptive" and sam_steps == 8, (policy, rows)
+        assert summary["cost"]["sam_fraction"] == sam_steps / 12
+        assert sam_steps + 12 <= summary["cost"]["cost_sgd_steps"] < 1.5 * (sam_steps + 12)
+        # resumed from the state at the start of epoch 2 (its snapshot, as last.pt)
+        cut = tmp_path / f"{policy}-cut"
+        cut.mkdir()
+        shutil.copy(tmp_path / policy / "epoch_2.pt", cut / "last.pt")
+        trainer.run(trainer.parse_config(trainer_args(cut, *common, "--sam-policy", policy,
+                                                      *extra, "--resume")))
+        straight = torch.load(tmp_path / policy / "last.pt", weights_only=True)
+        resumed = torch.load(cut / "last.pt", weights_only=True)
+        assert all(torch.equal(straight["model"][k], resumed["model"][k])
+                   for k in straight["model"])
+        pa, pb = (c["optimizer"]["samfast"]["policy"] for c in (straight, resumed))
+        assert pa["step"] == 8
+        la, lb = pa.pop("looksam", None), pb.pop("looksam", None)
+        assert pa == pb
+        if la is not None:
+            assert all(torch.equal(a, b) for a, b in zip(la["gv"], lb["gv"]))
 

@@ -101,6 +101,7 @@ DATA, OPT, SAM, SHARP, ADV, RUN = (
     "sharpness (top Hessian eigenvalue of the training loss)",
     "adversarial training (PGD) and robust evaluation", "run")
 OPTIMIZERS = ("sgd", "sam", "asam", "usam")
+SAM_POLICIES = ("switch", "interval", "looksam", "random", "adaptive")
 LR_SCHEDULES = ("step_wrn", "multistep", "cosine")
 AUGMENTATIONS = ("crop_flip", "flip", "none")
 R, NOTHING = Affects.RESULT, Affects.NOTHING
@@ -158,6 +159,45 @@ class RunConfig:
                               "(global) or perturb each replica with its own (local, "
                               "m-sharpness)", group=SAM, affects=Affects.SAM_EPOCHS,
                               choices=("global", "local"))
+    # Which steps of a SAM epoch run SAM (samfast/policies.py): only SAM epochs consult it.
+    sam_policy: str = setting("switch", doc="which steps of the SAM epochs run SAM: switch "
+                              "(every one: the schedule's epochs alone decide), interval (every "
+                              "--interval-k-th), looksam (LookSAM: a full SAM step every "
+                              "--looksam-k, its orthogonal gradient reused in between), random "
+                              "(each with probability --random-p), adaptive (AE-SAM: when the "
+                              "squared gradient norm is large against its running statistics)",
+                              group=SAM, affects=Affects.SAM_EPOCHS, choices=SAM_POLICIES)
+    interval_k: int = setting(2, doc="--sam-policy interval: SAM every K steps", group=SAM,
+                              affects=Affects.SAM_EPOCHS,
+                              source="choice (Composer's SAM(interval=k))")
+    looksam_k: int = setting(5, doc="--sam-policy looksam: a full SAM step every K steps",
+                             group=SAM, affects=Affects.SAM_EPOCHS,
+                             source="choice (Liu et al. 2022 use k = 5 and 10)")
+    looksam_alpha: float = setting(0.7, doc="--sam-policy looksam: weight of the reused "
+                                   "orthogonal gradient", group=SAM,
+                                   affects=Affects.SAM_EPOCHS,
+                                   source="pytorch-optimizer's LookSAM default")
+    random_p: float = setting(0.5, doc="--sam-policy random: probability of a SAM step",
+                              group=SAM, affects=Affects.SAM_EPOCHS, source="choice")
+    random_p_end: float | None = setting(doc="--sam-policy random: the probability rises (or "
+                                         "falls) linearly from --random-p to this over the "
+                                         "SAM epochs (default: constant)", group=SAM,
+                                         affects=Affects.SAM_EPOCHS, type=float)
+    random_seed: int | None = setting(doc="--sam-policy random: seed of the draws (default: "
+                                      "--seed)", group=SAM, affects=Affects.SAM_EPOCHS,
+                                      type=int)
+    adaptive_delta: float = setting(0.9, doc="--sam-policy adaptive: forgetting rate of the "
+                                    "running mean and variance of ||g||^2", group=SAM,
+                                    affects=Affects.SAM_EPOCHS,
+                                    source="our reading of Jiang et al. 2023 (AE-SAM)")
+    adaptive_lambda1: float = setting(-1.0, doc="--sam-policy adaptive: threshold c at the "
+                                      "end of the SAM epochs (SAM when ||g||^2 >= mean + c "
+                                      "std)", group=SAM, affects=Affects.SAM_EPOCHS,
+                                      source="our reading of Jiang et al. 2023 (AE-SAM)")
+    adaptive_lambda2: float = setting(1.0, doc="--sam-policy adaptive: threshold c at the "
+                                      "start of the SAM epochs (linear in between)", group=SAM,
+                                      affects=Affects.SAM_EPOCHS,
+                                      source="our reading of Jiang et al. 2023 (AE-SAM)")
     backend: str = setting("auto", doc="samfast backend (auto, reference, native, triton)",
                            group=SAM, affects=R)
     # -- sharpness
@@ -224,6 +264,25 @@ class RunConfig:
             self.epochs, sam_start=self.sam_start if sam else None,
             sam_end=self.sam_end if sam else None, adv_start=self.adv_start,
             adv_end=self.adv_end, reset_momentum=self.reset_momentum)
+
+    def policy(self, steps_per_epoch: int) -> samfast.policies.Policy | None:
+        """The per-step SAM policy (None for ``switch``: every step of a SAM epoch is a SAM
+        step). The policy counts only the steps of SAM epochs, so its T (AE-SAM's threshold
+        schedule, RandomSwitch's linear p) is their number."""
+        sam_steps = max(1, self.schedule().sam_epochs * steps_per_epoch)
+        if self.sam_policy == "interval":
+            return samfast.Interval(self.interval_k)
+        if self.sam_policy == "looksam":
+            return samfast.LookSAM(self.looksam_k, self.looksam_alpha)
+        if self.sam_policy == "random":
+            seed = self.seed if self.random_seed is None else self.random_seed
+            if self.random_p_end is None:
+                return samfast.RandomSwitch(self.random_p, seed=seed)
+            return samfast.RandomSwitch.linear(self.random_p, self.random_p_end, sam_steps, seed)
+        if self.sam_policy == "adaptive":
+            return samfast.AdaptiveSAM(sam_steps, self.adaptive_delta, self.adaptive_lambda1,
+                                       self.adaptive_lambda2)
+        return None
 
     def record(self) -> dict[str, Any]:
         """Every field, as JSON values (what checkpoints and summaries hold)."""
@@ -315,6 +374,26 @@ def validate(cfg: RunConfig) -> None:
             bad(name, f"must be a finite number >= 0, got {value}")
     if cfg.lr == 0:
         bad("lr", "must be > 0")
+    for name in ("interval_k", "looksam_k"):
+        if getattr(cfg, name) < 1:
+            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    for name in ("random_p", "random_p_end"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value <= 1:
+            bad(name, f"must be a probability in [0, 1], got {value}")
+    if not (math.isfinite(cfg.looksam_alpha) and cfg.looksam_alpha >= 0):
+        bad("looksam_alpha", f"must be a finite number >= 0, got {cfg.looksam_alpha}")
+    if cfg.random_seed is not None and cfg.random_seed < 0:
+        bad("random_seed", f"must be >= 0, got {cfg.random_seed}")
+    if not 0 < cfg.adaptive_delta < 1:
+        bad("adaptive_delta", f"must be in (0, 1), got {cfg.adaptive_delta}")
+    for name in ("adaptive_lambda1", "adaptive_lambda2"):
+        if not math.isfinite(getattr(cfg, name)):
+            bad(name, f"must be a finite number, got {getattr(cfg, name)}")
+    if (cfg.sam_policy != "switch" and cfg.ddp_ascent == "local"
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        bad("sam_policy", f"{cfg.sam_policy} needs --ddp-ascent global under torchrun (its "
+                          "one-pass steps and LookSAM's g_v use the averaged gradient)")
     if cfg.rho is not None and (not math.isfinite(cfg.rho) or cfg.rho < 0):
         bad("rho", f"must be a finite number >= 0, got {cfg.rho}")
     if not 0 <= cfg.label_smoothing < 1:

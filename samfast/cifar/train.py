@@ -15,6 +15,10 @@ identically (e.g. SGD -> SAM at K forked from the SGD run: the paired design). T
 ``metrics.jsonl`` starts with the source's K rows, marked ``"inherited": true``; its summary
 names the snapshot, and its times include the inherited epochs'.
 
+``--sam-policy`` chooses which steps of the SAM epochs run SAM (samfast/policies.py); every
+epoch's row logs the fraction that did and what the epoch cost: forward + backward passes,
+the optimizer's own time, and both together in SGD-step equivalents (see ``epoch_cost``).
+
 Sections: configuration / set-up / one epoch / evaluation / run directory and checkpoints /
 logging / main. Epoch times count training only (evaluation and checkpoints excluded).
 """
@@ -40,7 +44,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import samfast
-from samfast.distributed import sam_step
+from samfast.distributed import sam_step, unwrap
 from samfast.cifar.config import (ConfigError, RunConfig, fork_problems, identity_changes,
                                   parse_config, run_identity, snapshot_path)
 from samfast.cifar.data import (NUM_CLASSES, DataError, Split, epoch_generator, eval_batches,
@@ -80,12 +84,15 @@ def setup_determinism(cfg: RunConfig) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> samfast.SAM:
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module,
+                    steps_per_epoch: int = 1) -> samfast.SAM:
     """A samfast.SAM in every case: with --optimizer sgd it simply never enables SAM, so the
-    SGD phase of every run goes through the same code (SAM.base_step)."""
+    SGD phase of every run goes through the same code (SAM.base_step). Its policy is
+    --sam-policy's (none for switch)."""
     return samfast.SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=cfg.rho,
                        adaptive=cfg.optimizer == "asam", eta=cfg.eta,
                        normalize=cfg.optimizer != "usam", backend=cfg.backend,
+                       policy=cfg.policy(steps_per_epoch),
                        lr=cfg.lr, momentum=cfg.momentum,
                        weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
@@ -130,6 +137,24 @@ def _sync(device: torch.device) -> None:
 # one epoch
 # =============================================================================================
 
+def policy_step(step_model, opt: samfast.SAM, loss_fn, scaler=None) -> torch.Tensor:
+    """One step through SAM's own closure API, which follows the optimizer's policy: one pass
+    when the policy plans a one-pass step (or decides one after the first pass), two for a
+    SAM step, the second with BatchNorm's running statistics left alone. (--sam-policy
+    switch keeps samfast.distributed.sam_step, which does not consult policies yet.) Returns
+    the first-pass loss, detached."""
+    def closure():
+        with samfast.running_stats_disabled(unwrap(step_model), enabled=opt.perturbed):
+            loss = loss_fn()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss
+
+    opt.zero_grad()
+    loss = opt.step(closure, grad_scaler=scaler)
+    if scaler is not None:
+        scaler.update()
+    return loss.detach()
+
 def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=None,
                 perturb_inputs=None, step_model=None, rank=0, world=1):
     """One epoch; returns (mean train loss, train accuracy %, seconds, images), over all
@@ -163,7 +188,10 @@ def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=Non
                 first_logits.append(logits.detach())
             return loss
 
-        loss = sam_step(step_model, opt, loss_fn, ascent=cfg.ddp_ascent, grad_scaler=scaler)
+        if cfg.sam_policy == "switch":
+            loss = sam_step(step_model, opt, loss_fn, ascent=cfg.ddp_ascent, grad_scaler=scaler)
+        else:
+            loss = policy_step(step_model, opt, loss_fn, scaler)
         total_loss += loss.detach() * len(y)
         correct += (first_logits[0].argmax(1) == y).sum()
         seen += len(y)
@@ -437,6 +465,34 @@ def versions(device: torch.device) -> dict:
             else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"}
 
 
+def epoch_cost(counters: dict, seconds: float) -> dict:
+    """An epoch's cost from the optimizer's counters (samfast.SAM.counters) and its training
+    time: the forward + backward passes run, the optimizer's own time, the fraction of steps
+    that ran SAM, and the cost in SGD-step equivalents: passes + optimizer time / the mean
+    time of one pass (this epoch's time less the optimizer's, over its passes). An SGD step
+    is one pass plus its own optimizer time, so an SGD epoch of S steps costs a little over
+    S; a SAM step about 2."""
+    passes, opt_s = counters["passes"], counters["optimizer_s"]
+    pass_s = (seconds - opt_s) / passes if passes else math.nan
+    return {"steps": counters["steps"], "sam_steps": counters["sam_steps"],
+            "sam_fraction": counters["sam_steps"] / counters["steps"] if counters["steps"] else 0.0,
+            "passes": passes, "optimizer_s": opt_s,
+            "cost_sgd_steps": passes + (opt_s / pass_s if pass_s > 0 else 0.0)}
+
+
+def run_cost(history: list[dict]) -> dict:
+    """The run's cost: the sum of its epochs' (those trained before cost accounting existed
+    count as missing)."""
+    rows = [r for r in history if "cost_sgd_steps" in r]
+    steps = sum(r["steps"] for r in rows)
+    return {"steps": steps, "sam_steps": sum(r["sam_steps"] for r in rows),
+            "sam_fraction": sum(r["sam_steps"] for r in rows) / steps if steps else 0.0,
+            "passes": sum(r["passes"] for r in rows),
+            "optimizer_s": sum(r["optimizer_s"] for r in rows),
+            "cost_sgd_steps": sum(r["cost_sgd_steps"] for r in rows),
+            "cost_epochs_missing": len(history) - len(rows)}
+
+
 def write_metrics(out: Path, history: list[dict]) -> None:
     text = "".join(json.dumps(row) + "\n" for row in history)
     atomic_write_bytes(out / "metrics.jsonl", lambda f: f.write(text.encode()))
@@ -513,7 +569,7 @@ def run(cfg: RunConfig) -> dict:
     model = build_model(cfg.model, NUM_CLASSES[cfg.dataset], cfg.dataset).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, math.ceil(len(train) / cfg.batch_size))
     schedule = cfg.schedule()
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.lr_schedule, cfg.epochs))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
@@ -580,15 +636,17 @@ def run(cfg: RunConfig) -> dict:
             total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{schedule.phase(epoch)}]",
             unit="batch", leave=False, disable=None)
         adv = adversarial_inputs(cfg, epoch) if schedule.adversarial_at(epoch) else None
+        opt.reset_counters()
         train_loss, train_acc, seconds, _ = train_epoch(cfg, epoch, forward_model, opt, train,
                                                        device, scaler, progress, adv,
                                                        step_model, rank, world)
+        cost = epoch_cost(opt.counters, seconds)
         if progress is not None:
             progress.close()
         lr_sched.step()
         row = {"epoch": epoch, "phase": schedule.phase(epoch), "lr": lr,
                "train_loss": train_loss, "train_acc": train_acc, "epoch_time_s": seconds,
-               "test_loss": None, "test_acc": None}
+               "test_loss": None, "test_acc": None, **cost}
         last = epoch == cfg.epochs - 1
         if not lead:
             continue
@@ -604,7 +662,9 @@ def run(cfg: RunConfig) -> dict:
             scores = "" if row["test_acc"] is None else \
                 f" test loss {row['test_loss']:.3f} acc {row['test_acc']:.2f}%"
             print(f"epoch {epoch + 1:3d}/{cfg.epochs} [{row['phase']}] lr {lr:.4g} "
-                  f"train loss {train_loss:.3f} acc {train_acc:.2f}% {seconds:.1f}s{scores}",
+                  f"train loss {train_loss:.3f} acc {train_acc:.2f}% {seconds:.1f}s "
+                  f"SAM steps {100 * cost['sam_fraction']:.0f}% cost "
+                  f"{cost['cost_sgd_steps']:.0f} SGD steps{scores}",
                   file=sys.stderr, flush=True)
         if last or (epoch + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt_path, checkpoint(epoch + 1))
@@ -621,6 +681,7 @@ def run(cfg: RunConfig) -> dict:
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         "wall_time_s": wall_before + time.perf_counter() - t_run,
         "skipped_steps": opt.skipped_steps, "backend": opt.backend, "world_size": world,
+        "cost": run_cost(history),
         "config": cfg.record(), "data": data, "fork": fork, "versions": versions(device),
     }
     for key in ("robust_acc", "sharpness", "hessian_top"):
