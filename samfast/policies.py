@@ -282,6 +282,12 @@ class AdaptiveSAM(Policy):
         self.var = d * self.var + (1.0 - d) * (s - self.mean) ** 2
         return s >= self.mean + self.threshold_c(self.step) * math.sqrt(self.var)
 
+    def fraction(self) -> float:
+        """The fraction of SAM steps if ||g||^2 were normally distributed (AE-SAM's model):
+        the mean over the schedule of P(Z >= c_t) = (1 - erf(c_t / sqrt 2)) / 2."""
+        cs = [self.lambda1 * i / 100 + self.lambda2 * (1 - i / 100) for i in range(101)]
+        return sum((1 - math.erf(c / math.sqrt(2))) / 2 for c in cs) / len(cs)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "mean": self.mean, "var": self.var}
 

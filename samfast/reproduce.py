@@ -4,7 +4,9 @@
 
 Experiments: ``late_switch`` (Figure 1: SGD vs full SAM vs SGD -> SAM late), ``switch_sweep``
 (the switch epoch swept), ``early_sam`` (SAM -> SGD), ``variants`` (ASAM and unnormalized SAM
-as the late phase), ``adversarial`` (standard vs full PGD-AT vs late AT). Scales: ``smoke``
+as the late phase), ``adversarial`` (standard vs full PGD-AT vs late AT), ``generalization``
+(issue #16) and ``efficient`` (issue #17: the late switch against the per-step SAM policies of
+samfast/policies.py at matched budgets of extra passes, on one cost axis). Scales: ``smoke``
 (seconds, the embedded demo data, used by tests), ``small`` (this 2-core CPU, real CIFAR-10
 subset), ``full`` (the paper's settings as far as they are public; a GPU, or several with
 ``--torchrun N``).
@@ -125,12 +127,31 @@ LATE_FRACTIONS = (0.25, 0.10)
 GRID_KEYS = ("late_switch_epoch", "rho_asam", "rho_usam", "seeds")
 EXPERIMENTS = ("late_switch", "switch_sweep", "early_sam", "variants", "adversarial",
                "generalization")
+# The cheaper-SAM comparison (issue #17). It runs in the generalization experiment's regime
+# (GENERALIZATION: at small scale the near-interpolation CPU regime where SAM's test-error gain
+# can show; its seeds), so its SGD, full-SAM and late-switch runs are the generalization
+# grid's (copied when that grid has run them). Kept out of EXPERIMENTS, which `estimate`'s
+# default and the tests of the paper's grid iterate; the CLI offers both.
+EFFICIENT = "efficient"
+ALL_EXPERIMENTS = EXPERIMENTS + (EFFICIENT,)
+# Budgets in extra forward + backward passes over SGD: the fraction of steps that run SAM.
+# Each policy is set to spend it: the late switch SAM for that fraction of the epochs,
+# Interval and LookSAM k = 1 / budget, RandomSwitch p = budget, AE-SAM a constant threshold
+# c with 1 - Phi(c) = budget (the fraction of SAM steps if ||g||^2 were normal, as AE-SAM
+# assumes; what each run spent is measured and reported). The smoke scale runs one budget
+# (its test trains every run).
+BUDGETS = {"full": (0.10, 0.25), "small": (0.10, 0.25), "smoke": (0.25,)}
+
+
+def _regime(experiment: str | None) -> str | None:
+    return "generalization" if experiment == EFFICIENT else experiment
 
 
 def scale_settings(scale: str, experiment: str | None = None) -> dict:
-    """The scale's settings, with the generalization experiment's replacing them there."""
+    """The scale's settings, with the generalization experiment's replacing them there (and
+    in the efficient experiment, which runs in its regime)."""
     chosen = dict(SETTINGS[scale])
-    if experiment == "generalization":
+    if _regime(experiment) == "generalization":
         chosen.update(GENERALIZATION[scale])
     return chosen
 
@@ -165,9 +186,15 @@ def settings_record(scale: str, data_dir: str | None,
     for key in GRID_KEYS:
         if key in chosen:
             record[key] = {"value": chosen[key][0], "source": chosen[key][1]}
-    if experiment == "generalization":
+    if _regime(experiment) == "generalization":
         record["late_fractions"] = {"value": list(LATE_FRACTIONS),
                                     "source": "issue #16: the last 25% and 10% of the epochs"}
+    if experiment == EFFICIENT:
+        record["budgets"] = {"value": list(BUDGETS[scale]), "source": "issue #17: 10% and 25% "
+                             "extra passes over SGD (see reproduce.BUDGETS for each policy's "
+                             "setting; one budget at smoke scale)"}
+        record["regime"] = {"value": "generalization", "source": "issue #17: the "
+                            "generalization experiment's settings (reproduce.GENERALIZATION)"}
     return record
 
 
@@ -177,10 +204,26 @@ def switch_epochs(scale: str) -> list[int]:
     return sorted({epochs - max(1, round(f * epochs)) for f in LATE_FRACTIONS})
 
 
+def efficient_policies(scale: str) -> dict[str, tuple[float, list[str]]]:
+    """The efficient experiment's policy runs: name -> (budget, trainer flags), each policy
+    at each budget of the scale (BUDGETS)."""
+    runs = {}
+    for budget in BUDGETS[scale]:
+        k = round(1 / budget)
+        c = statistics.NormalDist().inv_cdf(1 - budget)
+        sam = ["--optimizer", "sam", "--sam-policy"]
+        runs[f"interval k={k}"] = (budget, sam + ["interval", "--interval-k", str(k)])
+        runs[f"LookSAM k={k}"] = (budget, sam + ["looksam", "--looksam-k", str(k)])
+        runs[f"random p={budget:.2f}"] = (budget, sam + ["random", "--random-p", str(budget)])
+        runs[f"AE-SAM c={c:.2f}"] = (budget, sam + ["adaptive", "--adaptive-lambda1",
+                                                    f"{c:.4f}", "--adaptive-lambda2", f"{c:.4f}"])
+    return runs
+
+
 def forks_of(experiment: str, scale: str) -> dict[str, tuple[str, int]]:
     """Run name -> (run it forks from, epoch): the late switches share their seed's SGD run
-    up to the switch (generalization experiment)."""
-    if experiment != "generalization":
+    up to the switch (generalization and efficient experiments)."""
+    if _regime(experiment) != "generalization":
         return {}
     return {f"SGD->SAM@{k}": ("SGD", k) for k in switch_epochs(scale)}
 
@@ -188,8 +231,8 @@ def forks_of(experiment: str, scale: str) -> dict[str, tuple[str, int]]:
 def runs_of(experiment: str, scale: str) -> dict[str, list[str]]:
     """Run name -> extra trainer flags."""
     epochs = _value(scale, "epochs")
-    late = _value(scale, "late_switch_epoch", experiment) if experiment != "generalization" \
-        else None
+    late = _value(scale, "late_switch_epoch", experiment) \
+        if _regime(experiment) != "generalization" else None
     if experiment == "late_switch":
         return {"SGD": ["--optimizer", "sgd"], "SAM": ["--optimizer", "sam"],
                 f"SGD->SAM@{late}": ["--optimizer", "sam", "--sam-start", str(late)]}
@@ -209,12 +252,16 @@ def runs_of(experiment: str, scale: str) -> dict[str, list[str]]:
         common = ["--optimizer", "sgd", "--eval-robust-every", str(epochs)]
         return {"standard": common, "full AT": common + ["--adv-start", "0"],
                 f"AT@{late}": common + ["--adv-start", str(late)]}
-    if experiment == "generalization":
+    if _regime(experiment) == "generalization":
         ks = switch_epochs(scale)
-        return {"SGD": ["--optimizer", "sgd", "--snapshot-epochs", ",".join(map(str, ks))],
+        runs = {"SGD": ["--optimizer", "sgd", "--snapshot-epochs", ",".join(map(str, ks))],
                 "SAM": ["--optimizer", "sam"],
                 **{f"SGD->SAM@{k}": ["--optimizer", "sam", "--sam-start", str(k)] for k in ks}}
-    raise ValueError(f"Invalid experiment: {experiment!r} (choose from {', '.join(EXPERIMENTS)})")
+        if experiment == EFFICIENT:
+            runs.update({name: flags for name, (_, flags) in efficient_policies(scale).items()})
+        return runs
+    raise ValueError(f"Invalid experiment: {experiment!r} (choose from "
+                     f"{', '.join(ALL_EXPERIMENTS)})")
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (the normal's 1.960 beyond 30).
@@ -318,6 +365,8 @@ def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = No
             sched = cfg.schedule()
             epochs = cfg.epochs
             n_sam, n_adv = sched.sam_epochs, sched.adversarial_epochs
+            policy = cfg.policy(1)  # a SAM epoch under a policy: SAM on a fraction of steps
+            n_sam = n_sam * (1.0 if policy is None else policy.fraction() or 1.0)
             c = (epochs - n_sam - n_adv + (n_sam * EPOCH_COST["sam"])
                  + n_adv * EPOCH_COST["adversarial"])
             if name in forks:  # the epochs before the fork are the source run's
@@ -327,7 +376,7 @@ def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = No
             adv += n_adv * seeds
             seen[config.run_key(config.run_identity(cfg, None, 1))] = c * seeds
         hours = f"{cost * sgd_epoch_s / 3600:.1f}" if sgd_epoch_s else "-"
-        rows.append(f"| {experiment} | {len(runs)} x {seeds} | {sam} | {adv} | {cost:.0f} | "
+        rows.append(f"| {experiment} | {len(runs)} x {seeds} | {sam:g} | {adv} | {cost:.0f} | "
                     f"{hours} |")
     total = sum(seen.values())
     hours = f"{total * sgd_epoch_s / 3600:.1f}" if sgd_epoch_s else "-"
@@ -487,6 +536,128 @@ def _plot_generalization(root: Path, res: dict, epochs: int) -> None:
     plt.close(fig)
 
 
+# =============================================================================================
+# the efficient experiment (issue #17): every way to spend a budget of SAM steps, one cost axis
+# =============================================================================================
+
+def _efficient_seed(run_dir: Path) -> dict:
+    """One finished run reduced to the report's numbers. Epochs trained before the trainer
+    measured costs (a run copied from the generalization grid, or the SGD epochs a late
+    switch inherits from one) count their passes only, as many as the epoch's phase implies
+    (one per step, two in a SAM epoch: such runs have no per-step policy); ``estimated``
+    says how many epochs did."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = summary["config"]
+    steps = math.ceil((cfg.get("train_subset") or 50_000) / cfg["batch_size"])
+    passes = cost = sam_steps = total_steps = 0.0
+    estimated = 0
+    for row in rows:
+        if "cost_sgd_steps" in row:
+            passes += row["passes"]
+            cost += row["cost_sgd_steps"]
+            sam_steps += row["sam_steps"]
+            total_steps += row["steps"]
+        else:
+            sam = steps if row["phase"].startswith("sam") else 0
+            passes += steps + sam
+            cost += steps + sam
+            sam_steps += sam
+            total_steps += steps
+            estimated += 1
+    top = (summary.get("hessian_top") or [summary.get("sharpness", math.nan)]) + [math.nan]
+    return {"error": 100 - summary["test_acc"], "train_acc": summary["train_acc"],
+            "top1": top[0], "test_images": cfg.get("test_subset") or 10_000,
+            "sam_epochs": summary["sam_epochs"], "epochs": summary["epochs"],
+            "policy": cfg.get("sam_policy", "switch"), "sam_fraction": sam_steps / total_steps,
+            "passes": passes, "cost": cost, "estimated": estimated}
+
+
+def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
+    """results.md, results.json and figure.png of the efficient experiment: per run the
+    fraction of SAM steps, the extra passes over SGD, the cost in SGD-step equivalents
+    relative to the same seed's SGD run, final test error (and its paired difference from
+    SGD) and sharpness, each a mean with its 95% t-interval over seeds."""
+    res = {name: [_efficient_seed(root / _slug(name) / f"seed{k}") for k in range(seeds)]
+           for name in runs}
+    sgd = res["SGD"]
+
+    def cell(values, digits=2):
+        return _mean_ci(values, digits).replace(f" (n={seeds})", "")
+    rows = ["| run | budget | SAM steps % | extra passes % | cost x SGD | test error % | "
+            "vs SGD (paired) | λ1 (sharpness) |", "|---" * 8 + "|"]
+    budgets = _efficient_budgets(runs, scale)
+    for name, rs in res.items():
+        mark = "†" if any(r["estimated"] for r in rs) else ""
+        extra = [100 * (r["passes"] / s["passes"] - 1) for r, s in zip(rs, sgd)]
+        ratio = [r["cost"] / s["cost"] for r, s in zip(rs, sgd)]
+        diff = "—" if name == "SGD" else cell([r["error"] - s["error"] for r, s in zip(rs, sgd)])
+        rows.append("| " + " | ".join([
+            name + mark, budgets.get(name, "—"), cell([100 * r["sam_fraction"] for r in rs], 1),
+            cell(extra, 1), cell(ratio, 3), cell([r["error"] for r in rs]), diff,
+            cell([r["top1"] for r in rs], 1)]) + " |")
+    text = "\n".join([
+        f"Test error on {sgd[0]['test_images']:,} test images after {sgd[0]['epochs']} epochs; "
+        f"each cell: mean ± half-width of the 95% t-interval over {seeds} seeds. Budget: the "
+        "extra forward + backward passes over SGD the run was set to spend; 'SAM steps' and "
+        "'extra passes' are what it spent. Cost: SGD-step equivalents (passes + measured "
+        "optimizer time; samfast/cifar/train.py epoch_cost) over the same seed's SGD run's. "
+        "'vs SGD' is the paired difference in test error (same seed: same initialization and "
+        "data order). λ1: top Hessian eigenvalue of the training loss at the end. †: some "
+        "epochs of this run were trained before costs were measured and count their passes "
+        "only (no optimizer time).", "", *rows])
+    (root / "results.md").write_text(f"# efficient ({scale}, {seeds} seeds)\n\n{text}\n")
+    (root / "results.json").write_text(json.dumps(res, indent=1))
+    _plot_efficient(root, res)
+    return text
+
+
+def _efficient_budgets(runs: dict, scale: str) -> dict[str, str]:
+    """Run name -> its budget in extra passes over SGD (SGD and full SAM have none)."""
+    epochs = _value(scale, "epochs", EFFICIENT)
+    out = {f"SGD->SAM@{k}": f"{100 * (epochs - k) / epochs:.0f}%" for k in switch_epochs(scale)}
+    out.update({name: f"{100 * budget:.0f}%"
+                for name, (budget, _) in efficient_policies(scale).items()})
+    return {name: tag for name, tag in out.items() if name in runs}
+
+
+def _plot_efficient(root: Path, res: dict) -> None:
+    """Test error and sharpness against cost (x the same seed's SGD run), mean and 95%
+    interval per run, one marker per family of runs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = {"SGD": ("SGD", "k", "s"), "SAM": ("full SAM", "C3", "s"),
+                "SGD->SAM": ("late switch", "C0", "o"), "interval": ("Interval", "C1", "^"),
+                "LookSAM": ("LookSAM", "C2", "v"), "random": ("RandomSwitch", "C4", "D"),
+                "AE-SAM": ("AE-SAM", "C5", "P")}
+    sgd = res["SGD"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "error", "test error (%)"),
+                           (axes[1], "top1", "top Hessian eigenvalue")):
+        labelled = set()
+        for name, rs in res.items():
+            family = next(f for f in families if name == f or name.startswith(f))
+            title, color, marker = families[family]
+            x = mean_ci([r["cost"] / s["cost"] for r, s in zip(rs, sgd)])
+            y = mean_ci([r[key] for r in rs])
+            ax.errorbar(x[0], y[0], xerr=None if math.isnan(x[1]) else x[1],
+                        yerr=None if math.isnan(y[1]) else y[1], marker=marker, color=color,
+                        capsize=3, ls="none", label=None if title in labelled else title)
+            labelled.add(title)
+            ax.annotate(name, (x[0], y[0]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set(xlabel="cost (SGD-step equivalents, x SGD)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_title("test error vs cost")
+    axes[1].set_title("sharpness vs cost")
+    fig.tight_layout()
+    fig.savefig(root / "figure.png", dpi=110)
+    plt.close(fig)
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -604,6 +775,8 @@ def reproduce(args, data_dir: str | None, seeds: int) -> str:
             finished.setdefault(key, out)
     if args.experiment == "generalization":
         return report_generalization(root, runs, seeds, args.scale)
+    if args.experiment == EFFICIENT:
+        return report_efficient(root, runs, seeds, args.scale)
     table = summarize(root, runs, seeds)
     (root / "results.md").write_text(f"# {args.experiment} ({args.scale}, {seeds} seeds)\n\n"
                                      f"{table}\n")
@@ -615,7 +788,7 @@ def reproduce(args, data_dir: str | None, seeds: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="samfast-reproduce", description=__doc__.split("\n\n")[0])
-    ap.add_argument("experiment", choices=EXPERIMENTS)
+    ap.add_argument("experiment", choices=ALL_EXPERIMENTS)
     ap.add_argument("--scale", choices=tuple(SETTINGS), default="small")
     ap.add_argument("--data-dir", default=None,
                     help="CIFAR-10 (smoke scale: the embedded demo subset by default)")
@@ -636,7 +809,7 @@ def main(argv=None) -> int:
         ap.error(f"argument --sgd-epoch-seconds: must be a number > 0, got "
                  f"{args.sgd_epoch_seconds}")
     if args.estimate:
-        print(estimate(args.scale, sgd_epoch_s=args.sgd_epoch_seconds))
+        print(estimate(args.scale, ALL_EXPERIMENTS, sgd_epoch_s=args.sgd_epoch_seconds))
         return 0
     data_dir = args.data_dir
     if data_dir is None and args.scale == "smoke":

@@ -183,6 +183,7 @@ class SAM(torch.optim.Optimizer):
         self._plan: str | None = None      # the current step's policy plan, once taken
         self._policy_before: dict | None = None  # its state before a "decide" changed it
         self._first_pass_record: dict | None = None
+        self._first_half_s = 0.0  # first_step's time in a two-pass step
         self.policy = policy
         self.reset_counters()
         self._first_pass_found_inf: dict = {}
@@ -295,6 +296,14 @@ class SAM(torch.optim.Optimizer):
         step a policy planned (``second_step`` then only finishes the step)."""
         return self._phase == _PERTURBED
 
+    @property
+    def second_pass_due(self) -> bool:
+        """True between ``first_step`` and ``second_step`` of a two-pass (SAM) step: the second
+        forward and backward pass belongs to it (after a skipped ascent too, where it changes
+        nothing but keeps DDP replicas in step). False after a ``first_step`` that took a
+        one-pass step its policy planned, and when idle."""
+        return self._phase in (_PERTURBED, _SKIPPED)
+
     # -- the policy ---------------------------------------------------------------------------
 
     @property
@@ -393,6 +402,7 @@ class SAM(torch.optim.Optimizer):
             self._first_pass_record = states.pop(id(self))
             self._first_pass_found_inf = self._first_pass_record["found_inf_per_device"]
             return
+        self._first_pass_record = None
         found = states[id(self)]["found_inf_per_device"]
         for device, flag in getattr(self, "_first_pass_found_inf", {}).items():
             found[device] = found[device] + flag if device in found else flag
@@ -415,6 +425,7 @@ class SAM(torch.optim.Optimizer):
         start = time.perf_counter()
         # Without a policy the explicit API always ascends (whatever sam_enabled says).
         plan = self.plan_step() if self._policy is not None else _policies.SAM_STEP
+        self._first_pass_record = None
         if plan == _policies.DECIDE:
             self._unscale(grad_scaler, second=False)
             sq = self._backend.grad_sq_norm(self.param_groups)  # a host sync on CUDA
@@ -437,6 +448,7 @@ class SAM(torch.optim.Optimizer):
                 self._count_skip(True)
             else:  # False, or a device flag that second_step's own flag will include
                 self._phase = _PERTURBED
+            self._first_half_s = time.perf_counter() - start
         else:  # "base" or "looksam_reuse": the whole step, now
             reuse = ({"reuse": (self._policy.alpha, self._policy.eps)}
                      if plan == _policies.LOOKSAM_REUSE else {})
@@ -479,7 +491,7 @@ class SAM(torch.optim.Optimizer):
         self._grads_arrived = False
         self._mark_stepped()
         self._end_policy_step()
-        self._count_step(2, time.perf_counter() - start)
+        self._count_step(2, self._first_half_s + time.perf_counter() - start)
         if zero_grad:
             self.zero_grad()
 
