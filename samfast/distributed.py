@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .bn import running_stats_disabled
+from .fsdp import check_ascent as _check_fsdp_ascent
 from .sam import SAM
 
 ASCENTS = ("global", "local")
@@ -157,6 +158,7 @@ def _sam_step(model: nn.Module, optimizer, loss_fn: Callable[..., Tensor], *, as
     is not it, ``bn_model`` the module whose BatchNorms the second pass leaves alone."""
     _check_step_options(ascent, accumulation_steps, clip_grad_norm, clip_ascent)
     optimizer = sam_optimizer(optimizer)
+    _check_fsdp_ascent(optimizer, ascent)
     if ddp is None and isinstance(model, DistributedDataParallel):
         ddp = model
     if ddp is not None and ascent == "local" and grad_scaler is not None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import fsdp as _fsdp
 from . import policies as _policies
 from .backends import resolve_backend
 
@@ -173,8 +174,10 @@ class SAM(torch.optim.Optimizer):
 
         params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in params} or {torch.device("cpu")}
+        # FSDP2 (DTensor params): the reference backend over the local shards (samfast/fsdp.py)
+        self._sharding = _fsdp.sharding_of(params)
         self._backend = resolve_backend(backend, devices, {p.dtype for p in params} or
-                                        {torch.float32})
+                                        {torch.float32}, sharded=self._sharding is not None)
         self._backend.bind(self)
         self.sam_enabled = True
         self.skipped_steps = 0
@@ -247,6 +250,12 @@ class SAM(torch.optim.Optimizer):
             param_group.setdefault(key, self.defaults[key])
         if not isinstance(params, set):
             _check_group({**self.defaults, **param_group})
+        if self._base_optimizer_ready:
+            sharding = _fsdp.sharding_of([*self._params_in_order(), *params])
+            if (sharding is None) != (self._sharding is None):
+                raise ValueError("Invalid params: the new group's params are "
+                                 f"{'plain tensors' if sharding is None else 'DTensors (FSDP2)'}"
+                                 ", the optimizer's are not")
         if not self._base_optimizer_ready:
             super().add_param_group(param_group)
         else:
@@ -318,6 +327,9 @@ class SAM(torch.optim.Optimizer):
                             f"RandomSwitch, AdaptiveSAM) or None, not {type(policy).__name__}")
         if self._phase != _IDLE:
             raise RuntimeError("SAM.policy set between first_step and second_step")
+        if isinstance(policy, _policies.LookSAM) and self._sharding is not None:
+            raise ValueError("Invalid policy: LookSAM is not supported with FSDP2 (DTensor) "
+                             "params yet (its projection needs sharded dot products)")
         if isinstance(policy, _policies.LookSAM):
             missing = getattr(self._backend, "missing_ops", lambda names: [])(
                 ("looksam_dots", "looksam_project_", "looksam_reuse_"))
@@ -396,6 +408,11 @@ class SAM(torch.optim.Optimizer):
         """
         if grad_scaler is None or not grad_scaler.is_enabled():
             return
+        if self._sharding is not None:
+            raise ValueError("Invalid grad_scaler: fp16 loss scaling is not supported with FSDP2 "
+                             "(DTensor) params yet (the ranks would have to agree on the "
+                             "overflows of their shards); use bf16 (FSDP2's MixedPrecisionPolicy"
+                             " or autocast)")
         grad_scaler.unscale_(self)
         states = grad_scaler._per_optimizer_states
         if not second:

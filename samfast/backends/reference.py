@@ -12,7 +12,11 @@ normalize, sam_eps)::
     e    = rho * T(w)^2 * g / (N + eps)      if normalize (SAM, ASAM)
     e    = rho * T(w)^2 * g                  otherwise     (unnormalized SAM, "USAM")
 
-N is accumulated in float32, or float64 when any gradient is float64. Half-precision weights
+N is accumulated in float32, or float64 when any gradient is float64.
+
+FSDP2 (params that are sharded DTensors, see samfast/fsdp.py): every op above runs on the local
+shards of w and g (``local``), N from the all-reduced sum of their squares, and the non-finite
+check of a gradient is all-reduced, so that every rank skips together. Half-precision weights
 are updated in float32 and rounded once (w <- round(float(w) + e)), as the fused kernels do.
 
 LookSAM (samfast/policies.py), with a missing gradient taken as a zero vector and sums over
@@ -33,6 +37,8 @@ from typing import Iterable
 
 import torch
 from torch import Tensor
+
+from ..fsdp import Sharding, local
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -87,17 +93,25 @@ def ascent_scale(group: dict, norm: Tensor, cdtype: torch.dtype, device) -> Tens
     return scale.to(cdtype).reshape(())  # rho may be a 1-element tensor
 
 
-def grad_norm(groups: list[dict], device: torch.device) -> Tensor:
-    """N over all groups, as a 0-d tensor on ``device`` (float32, or float64 if any grad is)."""
+def grad_norm(groups: list[dict], device: torch.device, sharding: Sharding | None = None
+              ) -> Tensor:
+    """N over all groups, as a 0-d tensor on ``device`` (float32, or float64 if any grad is).
+    With ``sharding`` the local shards' sums of squares are added up over the ranks."""
     all_params = [p for g in groups for p in g["params"] if p.grad is not None]
     acc = norm_dtype(all_params)
     norms = []
     for group in groups:
         params = [p for p in group["params"] if p.grad is not None]
         for bucket in bucket_by_device_and_dtype(params).values():
-            tg = _scaled_grads([p.detach() for p in bucket], [p.grad for p in bucket],
+            tg = _scaled_grads([local(p.detach()) for p in bucket],
+                               [local(p.grad) for p in bucket],
                                group["adaptive"], group["eta"], power=1)
             norms.extend(n.to(device) for n in torch._foreach_norm(tg, 2, dtype=acc))
+    if sharding is not None:
+        sq = (torch.stack(norms).square().sum() if norms
+              else torch.zeros((), dtype=acc, device=device))
+        sharding.sum_(sq)
+        return sq.sqrt()
     if not norms:
         return torch.zeros((), dtype=acc, device=device)
     return torch.linalg.vector_norm(torch.stack(norms))
@@ -105,15 +119,18 @@ def grad_norm(groups: list[dict], device: torch.device) -> Tensor:
 
 def plain_sq_norm(params: list[Tensor], acc: torch.dtype, device) -> Tensor:
     """sum of g^2 over ``params`` (all with a gradient), accumulated in ``acc``."""
-    terms = [p.grad.detach().to(acc).square().sum().to(device) for p in params]
+    terms = [local(p.grad).detach().to(acc).square().sum().to(device) for p in params]
     return torch.stack(terms).sum() if terms else torch.zeros((), dtype=acc, device=device)
 
 
 def grads_finite(params: list[Tensor]) -> bool:
     """True when every gradient entry is finite (max |g| per tensor; NaN propagates)."""
     for bucket in bucket_by_device_and_dtype(params).values():
-        maxes = torch._foreach_norm([p.grad for p in bucket], float("inf"))
-        if not bool(torch.stack(maxes).isfinite().all()):
+        # an FSDP2 shard may be empty (a dimension smaller than the world), and the inf-norm
+        # of an empty tensor is undefined
+        grads = [g for g in (local(p.grad) for p in bucket) if g.numel()]
+        maxes = torch._foreach_norm(grads, float("inf"))
+        if maxes and not bool(torch.stack(maxes).isfinite().all()):
             return False
     return True
 
@@ -122,10 +139,11 @@ def ascent_(group: dict, params: list[Tensor], norm: Tensor) -> list[Tensor]:
     """w <- w + e for ``params`` (those of ``group`` with a grad); returns the backups."""
     backups = []
     for bucket in bucket_by_device_and_dtype(params).values():
-        ws = [p.detach() for p in bucket]
+        ws = [local(p.detach()) for p in bucket]
         cdtype = compute_dtype(ws[0].dtype)
         scale = ascent_scale(group, norm, cdtype, ws[0].device)
-        e = _scaled_grads(ws, [p.grad for p in bucket], group["adaptive"], group["eta"], power=2)
+        e = _scaled_grads(ws, [local(p.grad) for p in bucket], group["adaptive"], group["eta"],
+                          power=2)
         torch._foreach_mul_(e, scale)
         backups.extend(w.clone() for w in ws)
         if cdtype == ws[0].dtype:
@@ -140,7 +158,7 @@ def ascent_(group: dict, params: list[Tensor], norm: Tensor) -> list[Tensor]:
 def restore_(params: list[Tensor], backups: list[Tensor]) -> None:
     """w <- backup, bit-exact."""
     if params:
-        torch._foreach_copy_([p.detach() for p in params], backups)
+        torch._foreach_copy_([local(p.detach()) for p in params], backups)
 
 
 class ReferenceBackend:
@@ -153,6 +171,7 @@ class ReferenceBackend:
 
     def __init__(self) -> None:
         self._optimizer_ref = None
+        self._sharding: Sharding | None = None
         self._perturbed: list[Tensor] = []
         self._backups: list[Tensor] = []
         # LookSAM: g_v per param, ||g_v||^2 and whether g_v is valid (see the module docstring)
@@ -162,6 +181,7 @@ class ReferenceBackend:
 
     def bind(self, optimizer) -> None:
         self._optimizer_ref = weakref.ref(optimizer)  # no cycle: see FusedBackend
+        self._sharding = optimizer._sharding
 
     @property
     def _optimizer(self):
@@ -190,7 +210,7 @@ class ReferenceBackend:
             raise RuntimeError(
                 "SAM.first_step: no parameter has a gradient; call loss.backward() first"
             )
-        norm = grad_norm(groups, with_grad[0].device)
+        norm = grad_norm(groups, with_grad[0].device, self._sharding)
         skip = ~torch.isfinite(norm)
         if agree_skip is not None:
             agree_skip(skip)
@@ -217,7 +237,7 @@ class ReferenceBackend:
         """Restore, then ``base_step()`` unless a second-pass gradient is not finite. With
         ``project`` (a LookSAM full step) g_v is computed from g and the gradients g_s."""
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
-        finite = grads_finite(with_grad)
+        finite = self._grads_finite(with_grad)
         restore_(self._perturbed, self._backups)
         self._perturbed, self._backups = [], []
         if finite:
@@ -225,6 +245,15 @@ class ReferenceBackend:
                 self._project([p for g in groups for p in g["params"]])
             base_step()
         return not finite
+
+    def _grads_finite(self, params: list[Tensor]) -> bool:
+        """``grads_finite``, the same on every rank when the params are sharded."""
+        finite = grads_finite(params)
+        if self._sharding is not None:
+            skip = torch.tensor(not finite, device=params[0].device)
+            self._sharding.any_(skip)
+            finite = not bool(skip)
+        return finite
 
     def _project(self, params: list[Tensor]) -> None:
         """g_v <- g_s - (g . g_s / ||g||^2) g, where self._gv holds g."""
@@ -253,7 +282,10 @@ class ReferenceBackend:
         with_grad = [p for g in groups for p in g["params"] if p.grad is not None]
         if not with_grad:
             raise RuntimeError("SAM: no parameter has a gradient; call loss.backward() first")
-        return plain_sq_norm(with_grad, norm_dtype(with_grad), with_grad[0].device)
+        sq = plain_sq_norm(with_grad, norm_dtype(with_grad), with_grad[0].device)
+        if self._sharding is not None:
+            self._sharding.sum_(sq)
+        return sq
 
     def base_step(self, groups: list[dict], base_step, reuse=None) -> bool:
         """The base optimizer's step, unless a gradient is not finite. ``reuse`` = (alpha,
@@ -272,7 +304,7 @@ class ReferenceBackend:
                     cdtype = compute_dtype(p.dtype)
                     g = p.grad.detach()
                     g.copy_(g.to(cdtype) + coef.to(g.device, cdtype) * self._gv[p].to(cdtype))
-        if not grads_finite(with_grad):
+        if not self._grads_finite(with_grad):
             return True
         base_step()
         return False

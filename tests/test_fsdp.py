@@ -1,0 +1,244 @@
+"""SAM on FSDP2 (fully_shard) models with real processes: gloo on the CPU, 2 and 3 ranks.
+
+One spawn per world size runs every scenario (each spawn costs seconds of start-up on a busy
+CPU); the workers save what they saw and the tests below compare it with single-process SAM
+(reference backend) on the full batch. With 3 ranks the second Linear's 4 output rows shard
+as 2 + 2 + 0: rank 2 holds empty shards.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import samfast
+from samfast.distributed import sam_step
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+STEPS = 20
+BATCH = 24  # divisible by 2 and 3: every rank's shard of the batch has the same size
+SAVE_AT = 10
+NAN_ASCENT_STEP, NAN_DESCENT_STEP = 5, 11
+# name -> (dtype, SAM options, sam_step options)
+SCENARIOS = {
+    "sam64": (torch.float64, {}, {}),
+    "asam64": (torch.float64, {"adaptive": True, "eta": 0.01, "rho": 0.5},
+               {"accumulation_steps": 2, "clip_grad_norm": 0.5}),
+    "sam32": (torch.float32, {}, {}),
+}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-6}
+
+
+def make_model(dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4)).to(dtype)
+
+
+def make_opt(params, backend="reference", **options):
+    kw = {"rho": 0.1, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **options}
+    return samfast.SAM(params, backend=backend, **kw)
+
+
+def full_batch(step: int, dtype):
+    gen = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(BATCH, 6, generator=gen, dtype=dtype),
+            torch.randint(0, 4, (BATCH,), generator=gen))
+
+
+def loss_fn_for(model, x, y, step_options):
+    if step_options.get("accumulation_steps"):
+        k = step_options["accumulation_steps"]
+        micro = list(zip(x.chunk(k), y.chunk(k)))
+        return lambda i: F.cross_entropy(model(micro[i][0]), micro[i][1])
+    return lambda: F.cross_entropy(model(x), y)
+
+
+# -- the workers ------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_model(dtype):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(dtype)
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    return model
+
+
+def _train(model, opt, rank, world, steps, dtype, step_options, poison=False):
+    for step in steps:
+        x, y = full_batch(step, dtype)
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        if poison and step == NAN_DESCENT_STEP:
+            # explicit steps, so that one element of rank 1's shard of the descent gradient
+            # alone is NaN: every rank must skip the base step with it
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(model(xs), ys).backward()
+            if rank == 1:
+                next(model.parameters()).grad.to_local()[0, 0] = float("nan")
+            opt.second_step(zero_grad=True)
+            continue
+        loss_fn = loss_fn_for(model, xs, ys, step_options)
+        if poison and step == NAN_ASCENT_STEP and rank == 1:
+            calls = []
+
+            def poisoned(*args, inner=loss_fn):  # NaN in rank 1's ascent pass only
+                calls.append(1)
+                loss = inner(*args)
+                return loss * float("nan") if len(calls) == 1 else loss
+            loss_fn = poisoned
+        sam_step(model, opt, loss_fn, **step_options)
+
+
+def _snapshot(model, opt) -> dict:
+    """Full weights (an all-gather: every rank calls it), local shards, the momentum's shards."""
+    params = dict(model.named_parameters())
+    return {"full": {k: p.full_tensor().detach().clone() for k, p in params.items()},
+            "local": {k: p.to_local().detach().clone() for k, p in params.items()},
+            "momentum": {k: opt.state[p]["momentum_buffer"].to_local().clone()
+                         for k, p in params.items()},
+            "skipped": opt.skipped_steps}
+
+
+def _errors(rank) -> dict:
+    """What unsupported uses raise (no collective runs before the raise)."""
+    model = _sharded_model(torch.float64)
+    seen = {}
+
+    def record(name, fn):
+        try:
+            fn()
+            seen[name] = None
+        except (ValueError, TypeError) as exc:
+            seen[name] = f"{type(exc).__name__}: {exc}"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = make_opt(model.parameters(), backend="auto")
+        make_opt(model.parameters(), backend="auto")
+    seen["auto_backend"] = auto.backend
+    seen["auto_warnings"] = [str(w.message) for w in caught if "samfast" in str(w.message)]
+    record("ascent_local", lambda: sam_step(model, auto, lambda: None, ascent="local"))
+    if "native" in samfast.available_backends("cpu"):
+        record("backend_native", lambda: make_opt(model.parameters(), backend="native"))
+    record("grad_scaler", lambda: auto.first_step(grad_scaler=torch.amp.GradScaler("cpu")))
+    record("looksam", lambda: setattr(auto, "policy", samfast.LookSAM()))
+    record("mixed", lambda: make_opt([*model.parameters(), torch.zeros(3, requires_grad=True)]))
+    return seen
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        results = {"errors": _errors(rank)}
+        for name, (dtype, options, step_options) in SCENARIOS.items():
+            model = _sharded_model(dtype)
+            opt = make_opt(model.parameters(), **options)
+            checkpoint = os.path.join(out, f"ckpt_{name}")
+            _train(model, opt, rank, world, range(SAVE_AT), dtype, step_options)
+            if name == "sam64":
+                samfast.fsdp.save(model, opt, checkpoint)
+            _train(model, opt, rank, world, range(SAVE_AT, STEPS), dtype, step_options)
+            results[name] = _snapshot(model, opt)
+            if name == "sam64":  # a fresh model and optimizer resumed from the checkpoint
+                model = _sharded_model(dtype)
+                opt = make_opt(model.parameters(), **options)
+                samfast.fsdp.load(model, opt, checkpoint)
+                _train(model, opt, rank, world, range(SAVE_AT, STEPS), dtype, step_options)
+                results["resumed"] = _snapshot(model, opt)
+        model = _sharded_model(torch.float64)
+        opt = make_opt(model.parameters())
+        _train(model, opt, rank, world, range(STEPS), torch.float64, {}, poison=True)
+        results["nan"] = _snapshot(model, opt)
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def ranks(request, tmp_path_factory):
+    """Every rank's results from one spawn of ``world`` processes."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"fsdp{world}")
+    mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# -- single-process SAM on the full batch ------------------------------------------------------
+
+def reference_run(dtype, options, step_options, omit=()):
+    model = make_model(dtype)
+    opt = make_opt(model.parameters(), **options)
+    for step in range(STEPS):
+        if step in omit:
+            continue
+        x, y = full_batch(step, dtype)
+        sam_step(model, opt, loss_fn_for(model, x, y, step_options), **step_options)
+    return model
+
+
+def assert_equals_reference(ranks, key, model, dtype):
+    for rank in ranks:  # every rank gathered the same full weights
+        for k, v in rank[key]["full"].items():
+            assert torch.equal(v, ranks[0][key]["full"][k]), (key, k)
+    tol = TOLERANCE[dtype]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ranks[0][key]["full"][k], v, rtol=tol, atol=tol)
+
+
+# -- the tests --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fsdp2_equals_single_process_sam_on_the_full_batch(ranks, name):
+    dtype, options, step_options = SCENARIOS[name]
+    assert_equals_reference(ranks, name, reference_run(dtype, options, step_options), dtype)
+    assert all(r[name]["skipped"] == 0 for r in ranks)
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ranks):
+    # a NaN in rank 1's ascent pass (NaN everywhere once reduce-scattered) and a single NaN in
+    # rank 1's shard of a descent gradient: both steps skipped everywhere, as if not taken
+    assert [r["nan"]["skipped"] for r in ranks] == [2] * len(ranks)
+    model = reference_run(torch.float64, {}, {}, omit=(NAN_ASCENT_STEP, NAN_DESCENT_STEP))
+    assert_equals_reference(ranks, "nan", model, torch.float64)
+
+
+def test_resume_from_a_sharded_dcp_checkpoint_is_bit_identical(ranks):
+    for rank in ranks:
+        for what in ("local", "momentum"):
+            for k, v in rank["sam64"][what].items():
+                assert torch.equal(rank["resumed"][what][k], v), (what, k)
+        assert rank["resumed"]["skipped"] == 0
+
+
+def test_unsupported_uses_are_refused_by_name(ranks):
+    for rank in ranks:
+        seen = rank["errors"]
+        assert seen["auto_backend"] == "reference"
+        # backend="auto" falls back to the reference once per process, saying why
+        assert len(seen["auto_warnings"]) == 1 and "flat buffers" in seen["auto_warnings"][0]
+        assert seen["ascent_local"].startswith("ValueError: Invalid ascent: 'local'")
+        if "backend_native" in seen:
+            assert seen["backend_native"].startswith("ValueError: Invalid backend: 'native'")
+        assert seen["grad_scaler"].startswith("ValueError: Invalid grad_scaler")
+        assert seen["looksam"].startswith("ValueError: Invalid policy: LookSAM")
+        assert seen["mixed"].startswith("ValueError: Invalid params")
