@@ -18,6 +18,10 @@ replica's skip flag (its local N is not finite) is all-reduced with MAX on the d
 the ascent uses it (one scalar, no host sync), so a replica that saw an inf does not skip
 alone; the descent gradient is the all-reduced one, the same everywhere.
 
+Per-step policies (``samfast.policies``: Interval, LookSAM, RandomSwitch, AdaptiveSAM) are
+followed: a step the policy plans as one pass runs one pass and one all-reduce, like the SGD
+phase.
+
 Gradient accumulation (``accumulation_steps=k``): both passes run over the same k
 micro-batches, each micro-batch's loss divided by k, so the ascent uses the gradient of the
 whole batch and the descent the gradient of the whole batch at w + e; k equal micro-batches of
@@ -43,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import policies as _policies
 from .bn import running_stats_disabled
 from .fsdp import check_ascent as _check_fsdp_ascent
 from .sam import SAM
@@ -97,6 +102,26 @@ def _check_step_options(ascent: str, accumulation_steps, clip_grad_norm, clip_as
         raise ValueError("Invalid clip_ascent: True needs clip_grad_norm (the max norm)")
 
 
+_ONE_PASS_PLANS = (_policies.BASE_STEP, _policies.LOOKSAM_REUSE)
+
+
+def _check_policy_options(optimizer: SAM, plan: str, local: bool, clip_grad_norm) -> None:
+    """Refuse the policy / option pairs whose step would be wrong rather than run them."""
+    name = type(optimizer.policy).__name__
+    if plan == _policies.DECIDE and clip_grad_norm is not None:
+        raise ValueError(f"Invalid clip_grad_norm: with {name} the first pass's gradient is "
+                         "the descent gradient or the ascent gradient depending on a decision "
+                         "taken from its unclipped norm inside first_step, so it cannot be "
+                         "clipped before that decision; use clip_grad_norm=None with this policy")
+    if local and isinstance(optimizer.policy, (_policies.AdaptiveSAM, _policies.LookSAM)):
+        raise ValueError(f"Invalid ascent: 'local' with {name}: "
+                         + ("each replica would decide from its own gradient norm and run a "
+                            "different number of passes (DDP would hang)"
+                            if isinstance(optimizer.policy, _policies.AdaptiveSAM) else
+                            "each replica would store its own g_v and its reuse steps would "
+                            "move the replicas apart") + "; use ascent='global'")
+
+
 def _clip_grad_norm(optimizer: SAM, max_norm: float, grad_scaler) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over the optimizer's gradients, returning the norm
     before clipping. With an enabled ``grad_scaler`` the gradients are still scaled (SAM
@@ -141,6 +166,16 @@ def sam_step(model: nn.Module, optimizer: SAM, loss_fn: Callable[..., Tensor],
     unnormalized SAM and changes nothing for SAM and ASAM, whose e is scale-free.
 
     ``optimizer`` may be a framework's wrapper of a SAM (see :func:`sam_optimizer`).
+
+    The optimizer's per-step policy (``samfast.policies``) decides each step while
+    ``sam_enabled``: one pass for the one-pass steps it plans (``Interval``'s and
+    ``RandomSwitch``'s base steps, ``LookSAM``'s reuse steps), two for SAM steps;
+    ``AdaptiveSAM`` decides after the first pass, from its gradient's norm (one host sync).
+    Under DDP with ``ascent="global"`` every replica plans and decides alike (the same seeded
+    draws, the same all-reduced gradient); ``ascent="local"`` is refused with ``AdaptiveSAM``
+    and ``LookSAM`` (per-replica norms and g_v would split the replicas), and
+    ``clip_grad_norm`` with ``AdaptiveSAM`` (its decision needs the unclipped norm of a
+    gradient that may turn out to be the descent gradient).
     """
     return _sam_step(model, optimizer, loss_fn, ascent=ascent, grad_scaler=grad_scaler,
                      accumulation_steps=accumulation_steps, clip_grad_norm=clip_grad_norm,
@@ -181,12 +216,25 @@ def _sam_step(model: nn.Module, optimizer, loss_fn: Callable[..., Tensor], *, as
             total = loss.detach() if total is None else total + loss.detach()
         return total / steps if steps > 1 else total
 
+    plan = optimizer.plan_step()
+    _check_policy_options(optimizer, plan, ddp is not None and ascent == "local", clip_grad_norm)
     optimizer.zero_grad()
-    if not optimizer.sam_enabled:
+    if plan == _policies.BASE_STEP and not optimizer.sam_enabled:
         loss = one_pass(sync=True)
         if clip_grad_norm is not None:
             _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
         optimizer.base_step(grad_scaler=grad_scaler)
+        if grad_scaler is not None:
+            grad_scaler.update()
+        return loss
+    if plan in _ONE_PASS_PLANS:
+        # a policy's one-pass step inside the SAM phase ("base", LookSAM's reuse step):
+        # first_step takes it whole (and advances the policy); second_step only finishes it
+        loss = one_pass(sync=True)
+        if clip_grad_norm is not None:
+            _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
+        optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler)
+        optimizer.second_step()
         if grad_scaler is not None:
             grad_scaler.update()
         return loss
@@ -196,6 +244,11 @@ def _sam_step(model: nn.Module, optimizer, loss_fn: Callable[..., Tensor], *, as
         _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
     optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler,
                          agree_skip=_all_replicas_skip if local else None)
+    if not optimizer.second_pass_due:  # a "decide" plan (AdaptiveSAM) that decided on one pass
+        optimizer.second_step()
+        if grad_scaler is not None:
+            grad_scaler.update()
+        return loss
     try:
         # Never tracked: at w + e it is not the model's batch statistics, and after a skipped
         # ascent it repeats the first pass, whose statistics are already counted.

@@ -256,3 +256,111 @@ def test_second_pass_after_a_skipped_ascent_leaves_batchnorm_statistics_alone(ba
     with torch.no_grad():
         once(model[0](x))
     torch.testing.assert_close(model[1].running_mean, once.running_mean)
+
+
+# --- per-step policies (samfast.policies) through sam_step under DDP --------------------------
+
+POLICY_RUNS = {
+    "interval": lambda: samfast.Interval(3),
+    "looksam": lambda: samfast.LookSAM(k=3, alpha=0.7),
+    "random": lambda: samfast.RandomSwitch(0.4, seed=11),
+    # a constant threshold below the mean: SAM on most steps, not all; every rank decides from
+    # the all-reduced gradient's norm, so all decide alike
+    "adaptive": lambda: samfast.AdaptiveSAM(STEPS, 0.5, -0.3, -0.3),
+}
+
+
+def _policy_run(model, opt, step_model, rank=None):
+    """STEPS steps of sam_step with the optimizer's policy, global ascent; returns the
+    plans taken. ``rank`` None: the full batch in one process."""
+    plans = []
+    for step in range(STEPS):
+        x, y = full_batch(step)
+        if rank is not None:
+            x, y = shard(x, rank), shard(y, rank)
+        passes = opt.counters["passes"]
+        sam_step(step_model, opt, lambda: F.cross_entropy(step_model(x), y))
+        plans.append(opt.counters["passes"] - passes)
+    return plans
+
+
+def _policy_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        result = {}
+        for backend in BACKENDS:
+            for name, policy in POLICY_RUNS.items():
+                model = make_model()
+                opt = make_opt(model, backend)
+                opt.policy = policy()
+                plans = _policy_run(model, opt, DDP(model), rank)
+                result[f"{backend}/{name}"] = {"plans": torch.tensor(plans), **{
+                    k: v.detach().clone() for k, v in model.state_dict().items()}}
+        torch.save(result, os.path.join(out, f"policies{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_policies_under_ddp_equal_single_process_on_the_full_batch(tmp_path):
+    """Every policy through sam_step on 2 DDP ranks (global ascent): the ranks take the same
+    plans and end bitwise equal, and equal single-process sam_step on the full batch, which
+    in turn equals the policy's steps through SAM.step(closure) (tested against float64
+    references in test_policies.py). One spawn for every backend and policy."""
+    mp.spawn(_policy_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"policies{r}.pt", weights_only=True) for r in range(WORLD)]
+    for key, got in ranks[0].items():
+        backend, name = key.split("/")
+        assert all(torch.equal(got[k], ranks[1][key][k]) for k in got), key
+        plans = got.pop("plans").tolist()
+        assert set(plans) == {1, 2}, (key, plans)  # some one-pass steps, some SAM steps
+        model = make_model()
+        opt = make_opt(model, backend)
+        opt.policy = POLICY_RUNS[name]()
+        assert _policy_run(model, opt, model) == plans, key
+        closure_model = make_model()
+        closure_opt = make_opt(closure_model, backend)
+        closure_opt.policy = POLICY_RUNS[name]()
+        for step in range(STEPS):
+            x, y = full_batch(step)
+
+            def closure():
+                F.cross_entropy(closure_model(x), y).backward()
+            closure_opt.step(closure)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-12)
+            assert torch.equal(v, closure_model.state_dict()[k]), (key, k)
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "looksam"])
+def test_local_ascent_refuses_policies_that_would_split_the_replicas(policy):
+    model = make_model()
+    opt = make_opt(model, "reference")
+    opt.policy = POLICY_RUNS[policy]()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="Invalid ascent: 'local' with"):
+        # a DDP-wrapped model is needed for 'local' to mean anything: refuse before any pass
+        from samfast.distributed import _sam_step
+        _sam_step(model, opt, lambda: model(torch.zeros(1, 6)).sum(), ascent="local",
+                  grad_scaler=None, accumulation_steps=None, clip_grad_norm=None,
+                  clip_ascent=False, ddp=_FakeDDP())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _FakeDDP:
+    """Stands in for a DDP module where only its presence matters (the refusal comes first)."""
+
+    def no_sync(self):
+        raise AssertionError("no pass may run")
+
+
+def test_adaptive_policy_refuses_clip_grad_norm():
+    model = make_model()
+    opt = make_opt(model, "reference")
+    opt.policy = POLICY_RUNS["adaptive"]()
+    x, y = full_batch(0)
+    with pytest.raises(ValueError, match="Invalid clip_grad_norm: with AdaptiveSAM"):
+        sam_step(model, opt, lambda: F.cross_entropy(model(x), y), clip_grad_norm=1.0)
+    opt.policy = POLICY_RUNS["interval"]()  # one-pass steps clip their only gradient
+    sam_step(model, opt, lambda: F.cross_entropy(model(x), y), clip_grad_norm=1.0)

@@ -541,13 +541,16 @@ def test_efficient_counts_only_passes_for_epochs_trained_before_costs_were_measu
     assert got["sam_fraction"] == 3 / 9 and got["error"] == 40.0 and got["top1"] == 5.0
 
 
+@pytest.mark.parametrize("via", ["step", "sam_step"])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_policies_with_a_grad_scaler_unscale_every_pass_and_back_off_on_overflow(backend):
+def test_policies_with_a_grad_scaler_unscale_every_pass_and_back_off_on_overflow(backend, via):
     """fp16 AMP through step(closure, grad_scaler): a one-pass step unscales its pass, a SAM
     step both, and an AE-SAM step that decides on a base step hands GradScaler back the
     record of its (only) pass, so update() sees it: the weights then equal the run without
     scaling (up to fp16 rounding), and an inf in a one-pass step backs the scale off."""
     from torch.nn import functional as F
+
+    from samfast.distributed import sam_step
 
     def train(policy, scaler, poison_step=None):
         torch.manual_seed(0)
@@ -557,6 +560,18 @@ def test_policies_with_a_grad_scaler_unscale_every_pass_and_back_off_on_overflow
         for step in range(6):
             gen = torch.Generator().manual_seed(step)
             x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+            if via == "sam_step":  # samfast.distributed.sam_step: backward and update its own
+                def loss_fn():
+                    with torch.autocast("cpu", dtype=torch.float16):
+                        return F.cross_entropy(model(x).float(), y)
+                poison = (model[0].weight.register_hook(
+                    lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+                    if step == poison_step else None)
+                sam_step(model, opt, loss_fn, grad_scaler=scaler)
+                if poison is not None:
+                    poison.remove()
+                continue
 
             def closure():
                 with torch.autocast("cpu", dtype=torch.float16):
@@ -570,12 +585,14 @@ def test_policies_with_a_grad_scaler_unscale_every_pass_and_back_off_on_overflow
                 scaler.update()
         return torch.cat([p.detach().flatten() for p in model.parameters()]), opt
 
-    for policy in (lambda: samfast.Interval(2), lambda: samfast.LookSAM(k=2),
-                   lambda: samfast.AdaptiveSAM(10, lambda1=50.0, lambda2=50.0),  # never SAM
-                   lambda: samfast.AdaptiveSAM(10, lambda1=-50.0, lambda2=-50.0)):  # always
+    for policy, sam_steps in (
+            (lambda: samfast.Interval(2), 3), (lambda: samfast.LookSAM(k=2), 3),
+            (lambda: samfast.AdaptiveSAM(10, lambda1=50.0, lambda2=50.0), 0),  # never SAM
+            (lambda: samfast.AdaptiveSAM(10, lambda1=-50.0, lambda2=-50.0), 6)):  # always
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
         scaled, opt = train(policy, scaler)
         plain, _ = train(policy, None)
+        assert opt.counters["sam_steps"] == sam_steps and opt.counters["steps"] == 6
         assert opt.skipped_steps == 0 and scaler.get_scale() == 2.0 ** 10
         assert float((scaled - plain).norm()) <= 1e-2 * float(plain.norm())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)

@@ -390,10 +390,12 @@ def validate(cfg: RunConfig) -> None:
     for name in ("adaptive_lambda1", "adaptive_lambda2"):
         if not math.isfinite(getattr(cfg, name)):
             bad(name, f"must be a finite number, got {getattr(cfg, name)}")
-    if (cfg.sam_policy != "switch" and cfg.ddp_ascent == "local"
+    if (cfg.sam_policy in ("looksam", "adaptive") and cfg.ddp_ascent == "local"
             and int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        bad("sam_policy", f"{cfg.sam_policy} needs --ddp-ascent global under torchrun (its "
-                          "one-pass steps and LookSAM's g_v use the averaged gradient)")
+        bad("sam_policy", f"{cfg.sam_policy} needs --ddp-ascent global under torchrun (AE-SAM "
+                          "decides from the averaged gradient's norm, LookSAM's g_v comes from "
+                          "the averaged gradient; samfast.distributed.sam_step refuses both "
+                          "with ascent='local')")
     if cfg.rho is not None and (not math.isfinite(cfg.rho) or cfg.rho < 0):
         bad("rho", f"must be a finite number >= 0, got {cfg.rho}")
     if not 0 <= cfg.label_smoothing < 1:

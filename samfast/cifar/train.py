@@ -137,24 +137,6 @@ def _sync(device: torch.device) -> None:
 # one epoch
 # =============================================================================================
 
-def policy_step(step_model, opt: samfast.SAM, loss_fn, scaler=None) -> torch.Tensor:
-    """One step through SAM's own closure API, which follows the optimizer's policy: one pass
-    when the policy plans a one-pass step (or decides one after the first pass), two for a
-    SAM step, the second with BatchNorm's running statistics left alone. (--sam-policy
-    switch keeps samfast.distributed.sam_step, which does not consult policies yet.) Returns
-    the first-pass loss, detached."""
-    def closure():
-        with samfast.running_stats_disabled(unwrap(step_model), enabled=opt.perturbed):
-            loss = loss_fn()
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        return loss
-
-    opt.zero_grad()
-    loss = opt.step(closure, grad_scaler=scaler)
-    if scaler is not None:
-        scaler.update()
-    return loss.detach()
-
 def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=None,
                 perturb_inputs=None, step_model=None, rank=0, world=1):
     """One epoch; returns (mean train loss, train accuracy %, seconds, images), over all
@@ -188,10 +170,8 @@ def train_epoch(cfg, epoch, model, opt, train, device, scaler=None, progress=Non
                 first_logits.append(logits.detach())
             return loss
 
-        if cfg.sam_policy == "switch":
-            loss = sam_step(step_model, opt, loss_fn, ascent=cfg.ddp_ascent, grad_scaler=scaler)
-        else:
-            loss = policy_step(step_model, opt, loss_fn, scaler)
+        # one pass or two, as the schedule and the optimizer's --sam-policy plan the step
+        loss = sam_step(step_model, opt, loss_fn, ascent=cfg.ddp_ascent, grad_scaler=scaler)
         total_loss += loss.detach() * len(y)
         correct += (first_logits[0].argmax(1) == y).sum()
         seen += len(y)
