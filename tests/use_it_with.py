@@ -104,3 +104,36 @@ def hf_trainer(model, train_dataset, output_dir, epochs):
     trainer.train()
     # end snippet
     return trainer
+
+
+def fsdp_loop(model, blocks, loader, epochs, checkpoint_dir):
+    # snippet: fsdp
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+    import samfast
+    from samfast.distributed import sam_step
+
+    for block in blocks:  # after init_process_group (torchrun): shard each block, then the root
+        fully_shard(block)
+    fully_shard(model)
+    opt = samfast.SAM(model.parameters(), lr=0.05, momentum=0.9, backend="reference")
+    for epoch in range(epochs):
+        for x, y in loader:  # this rank's shard of each batch
+            sam_step(model, opt, lambda: F.cross_entropy(model(x), y))
+        samfast.fsdp.save(model, opt, f"{checkpoint_dir}/epoch{epoch}")  # sharded (DCP)
+    # end snippet
+    return opt
+
+
+def fsdp_resume(model, blocks, checkpoint):
+    # snippet: fsdp_resume
+    from torch.distributed.fsdp import fully_shard
+    import samfast
+
+    for block in blocks:  # a new run: shard the model and build the SAM as before, then load
+        fully_shard(block)
+    fully_shard(model)
+    opt = samfast.SAM(model.parameters(), lr=0.05, momentum=0.9, backend="reference")
+    samfast.fsdp.load(model, opt, checkpoint)  # e.g. f"{checkpoint_dir}/epoch{epoch}"
+    # end snippet
+    return opt
