@@ -8,6 +8,7 @@ as 2 + 2 + 0: rank 2 holds empty shards.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import warnings
@@ -37,6 +38,10 @@ SCENARIOS = {
     "asam64": (torch.float64, {"adaptive": True, "eta": 0.01, "rho": 0.5},
                {"accumulation_steps": 2, "clip_grad_norm": 0.5}),
     "sam32": (torch.float32, {}, {}),
+    # policies through sam_step: one-pass steps between SAM steps; decisions from the global
+    # squared gradient norm (the shards' sums, all-reduced)
+    "interval64": (torch.float64, {"policy": lambda: samfast.Interval(3)}, {}),
+    "adaptive64": (torch.float64, {"policy": lambda: samfast.AdaptiveSAM(STEPS)}, {}),
 }
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-6}
 
@@ -47,6 +52,7 @@ def make_model(dtype) -> nn.Module:
 
 
 def make_opt(params, backend="reference", **options):
+    options = {k: v() if k == "policy" else v for k, v in options.items()}  # a fresh policy
     kw = {"rho": 0.1, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **options}
     return samfast.SAM(params, backend=backend, **kw)
 
@@ -117,7 +123,7 @@ def _snapshot(model, opt) -> dict:
             "local": {k: p.to_local().detach().clone() for k, p in params.items()},
             "momentum": {k: opt.state[p]["momentum_buffer"].to_local().clone()
                          for k, p in params.items()},
-            "skipped": opt.skipped_steps}
+            "skipped": opt.skipped_steps, "sam_steps": opt.counters["sam_steps"]}
 
 
 def _errors(world) -> dict:
@@ -216,7 +222,9 @@ def ranks(request, tmp_path_factory):
 
 # -- single-process SAM on the full batch ------------------------------------------------------
 
-def reference_run(dtype, options, step_options, omit=()):
+@functools.cache  # shared by the world sizes
+def reference_run(name, omit=()):
+    dtype, options, step_options = SCENARIOS[name]
     model = make_model(dtype)
     opt = make_opt(model.parameters(), **options)
     for step in range(STEPS):
@@ -224,7 +232,7 @@ def reference_run(dtype, options, step_options, omit=()):
             continue
         x, y = full_batch(step, dtype)
         sam_step(model, opt, loss_fn_for(model, x, y, step_options), **step_options)
-    return model
+    return model, opt
 
 
 def assert_equals_reference(ranks, key, model, dtype):
@@ -241,7 +249,11 @@ def assert_equals_reference(ranks, key, model, dtype):
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fsdp2_equals_single_process_sam_on_the_full_batch(ranks, name):
     dtype, options, step_options = SCENARIOS[name]
-    assert_equals_reference(ranks, name, reference_run(dtype, options, step_options), dtype)
+    model, opt = reference_run(name)
+    assert_equals_reference(ranks, name, model, dtype)
+    assert all(r[name]["sam_steps"] == opt.counters["sam_steps"] for r in ranks)
+    if "policy" in options:  # both kinds of step were taken
+        assert 0 < opt.counters["sam_steps"] < STEPS
     assert all(r[name]["skipped"] == (SKIPPED_MARK if name == "sam64" else 0) for r in ranks)
 
 
@@ -249,7 +261,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ranks):
     # a NaN in rank 1's ascent pass (NaN everywhere once reduce-scattered) and a single NaN in
     # rank 1's shard of a descent gradient: both steps skipped everywhere, as if not taken
     assert [r["nan"]["skipped"] for r in ranks] == [2] * len(ranks)
-    model = reference_run(torch.float64, {}, {}, omit=(NAN_ASCENT_STEP, NAN_DESCENT_STEP))
+    model, _ = reference_run("sam64", omit=(NAN_ASCENT_STEP, NAN_DESCENT_STEP))
     assert_equals_reference(ranks, "nan", model, torch.float64)
 
 
