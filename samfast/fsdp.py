@@ -19,7 +19,9 @@ own, and FSDP2 all-gathers from its own (padded) shard buffers. ``backend="auto"
 to the reference with a warning; an explicit fused backend is refused.
 
 Checkpoints: :func:`save` and :func:`load` write and read the standard sharded checkpoint of
-``torch.distributed.checkpoint`` (each rank its shards of the weights and optimizer state).
+``torch.distributed.checkpoint`` (each rank its shards of the weights and optimizer state);
+:func:`full_optimizer_state` and :func:`shard_optimizer_state` convert the optimizer's state
+to and from full tensors, for a single-file checkpoint (samfast-train ``--fsdp``).
 """
 
 from __future__ import annotations
@@ -158,3 +160,46 @@ def load(model: nn.Module, optimizer, checkpoint_id) -> None:
     dcp.load(state, checkpoint_id=checkpoint_id)
     set_model_state_dict(model, state["model"])
     optimizer.load_state_dict(state["optim"])
+
+
+# -- full (unsharded) state, for a single-file checkpoint -------------------------------------
+
+def full_optimizer_state(state: dict) -> dict:
+    """``SAM.state_dict()`` with every DTensor gathered into a full CPU tensor: the state dict
+    the same optimizer has without FSDP. A collective: every rank calls it, in step."""
+    dtensor = _dtensor_type()
+
+    def full(value):
+        if dtensor is not None and isinstance(value, dtensor):
+            return value.full_tensor().cpu()
+        if isinstance(value, dict):
+            return {k: full(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [full(v) for v in value]
+        return value
+    return full(state)
+
+
+def shard_optimizer_state(optimizer, state: dict) -> dict:
+    """The inverse of :func:`full_optimizer_state` for ``optimizer`` (a SAM over FSDP2 params):
+    each per-param tensor of its param's shape becomes a DTensor sharded like the param (this
+    rank's chunk of the full tensor every rank holds; no communication), ready for
+    ``optimizer.load_state_dict``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    dtensor = _dtensor_type()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def shard(p, value):
+        if (dtensor is None or not isinstance(p, dtensor) or not isinstance(value, Tensor)
+                or isinstance(value, dtensor) or value.shape != p.shape):
+            return value
+        return distribute_tensor(value.to(p.device), p.device_mesh, p.placements,
+                                 src_data_rank=None)
+
+    per_param = {}
+    for key, entry in state.get("state", {}).items():
+        p = params[key] if isinstance(key, int) and 0 <= key < len(params) else None
+        per_param[key] = ({name: shard(p, value) for name, value in entry.items()}
+                          if p is not None and isinstance(entry, dict) else entry)
+    return {**state, "state": per_param}

@@ -300,3 +300,66 @@ def test_unsupported_uses_are_refused_by_name(ranks):
         assert seen["looksam"].startswith("ValueError: Invalid policy: LookSAM")
         assert seen["mixed"].startswith("ValueError: Invalid params")
         assert seen["hsdp"].startswith("ValueError: Invalid params: a 2-dimensional device mesh")
+
+
+# -- the trainer: samfast-train --fsdp under torchrun -------------------------------------------
+
+def _torchrun(out, *flags):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from samfast.cifar.demo import DEMO_DATA
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or \
+        shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "samfast.cifar.train",
+           "--data-dir", str(DEMO_DATA), "--train-subset", "200", "--test-subset", "100",
+           "--batch-size", "50", "--epochs", "3", "--sam-start", "1", "--out", str(out),
+           "--quiet", "--device", "cpu", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out / "last.pt", weights_only=True)
+
+
+def _max_relative_error(a: dict, b: dict) -> float:
+    return max(float((a[k].double() - b[k].double()).abs().max()
+                     / b[k].double().abs().max().clamp(min=1e-30)) for k in a)
+
+
+def test_trainer_fsdp_equals_ddp_and_resumes_from_its_snapshot_bit_identically(tmp_path):
+    """SGD for an epoch, then SAM: under --fsdp as under DDP (reference backend, where only
+    rounding differs), and a fork from the epoch-2 snapshot (the full tensors gathered, then
+    resharded) ends bitwise where the straight run does."""
+    straight = _torchrun(tmp_path / "fsdp", "--fsdp", "--snapshot-epochs", "2")
+    forked = _torchrun(tmp_path / "fork", "--fsdp", "--fork-from",
+                       str(tmp_path / "fsdp" / "epoch_2.pt"))
+    ddp = _torchrun(tmp_path / "ddp", "--backend", "reference")
+    for ckpt in (forked, ddp):
+        assert ckpt["model"].keys() == straight["model"].keys()
+        assert ckpt["optimizer"]["state"].keys() == straight["optimizer"]["state"].keys()
+    momentum = {name: {i: s["momentum_buffer"] for i, s in ckpt["optimizer"]["state"].items()}
+                for name, ckpt in (("straight", straight), ("forked", forked), ("ddp", ddp))}
+    assert all(torch.equal(forked["model"][k], v) for k, v in straight["model"].items())
+    assert all(torch.equal(momentum["forked"][i], v) for i, v in momentum["straight"].items())
+    assert _max_relative_error(straight["model"], ddp["model"]) < 1e-5
+    assert _max_relative_error(momentum["straight"], momentum["ddp"]) < 1e-4
+    assert straight["optimizer"]["samfast"] == ddp["optimizer"]["samfast"]
+
+
+@pytest.mark.parametrize("flags, name", [
+    ([], "--fsdp"),  # without torchrun
+    (["--ddp-ascent", "local"], "--ddp-ascent"), (["--amp", "fp16"], "--amp"),
+    (["--backend", "native"], "--backend"), (["--sam-policy", "looksam"], "--sam-policy"),
+    (["--compile"], "--compile"), (["--sharpness-every", "1"], "--sharpness-every"),
+    (["--eval-robust-every", "1"], "--eval-robust-every"), (["--adv-start", "1"], "--adv-start"),
+])
+def test_trainer_refuses_what_fsdp_does_not_run_naming_the_flag(flags, name, monkeypatch):
+    from samfast.cifar.config import ConfigError, config_from_flags
+
+    monkeypatch.setenv("WORLD_SIZE", "1" if name == "--fsdp" else "2")
+    with pytest.raises(ConfigError, match=f"argument {name}: .*"):
+        config_from_flags(["--fsdp", "--epochs", "2", *flags])

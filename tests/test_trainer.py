@@ -200,7 +200,7 @@ def test_every_flag_keeps_its_name_and_default():
            "fork_from": None, "fork_epoch": None, "sam_policy": "switch", "interval_k": 2,
            "looksam_k": 5, "looksam_alpha": 0.7, "random_p": 0.5, "random_p_end": None,
            "random_seed": None, "adaptive_delta": 0.9, "adaptive_lambda1": -1.0,
-           "adaptive_lambda2": 1.0}
+           "adaptive_lambda2": 1.0, "fsdp": False}
     assert set(parsed) == set(old) | set(new) and {k: parsed[k] for k in new} == new
 
 

@@ -159,6 +159,10 @@ class RunConfig:
                               "(global) or perturb each replica with its own (local, "
                               "m-sharpness)", group=SAM, affects=Affects.SAM_EPOCHS,
                               choices=("global", "local"))
+    fsdp: bool = setting(False, doc="under torchrun: shard the weights, gradients and SAM's "
+                         "state over the processes with FSDP2 (fully_shard) instead of "
+                         "replicating them with DDP (global ascent, reference backend)",
+                         group=SAM, affects=R)
     # Which steps of a SAM epoch run SAM (samfast/policies.py): only SAM epochs consult it.
     sam_policy: str = setting("switch", doc="which steps of the SAM epochs run SAM: switch "
                               "(every one: the schedule's epochs alone decide), interval (every "
@@ -438,6 +442,28 @@ def validate(cfg: RunConfig) -> None:
     if cfg.backend != "auto" and cfg.backend not in samfast.available_backends(device):
         bad("backend", f"{cfg.backend!r} is not available on {device} (available: "
                        f"{', '.join(samfast.available_backends(device))})")
+    if cfg.fsdp:
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            bad("fsdp", "needs torchrun with 2 or more processes (the shards' owners)")
+        # what samfast.SAM refuses on FSDP2 params, and what the trainer does not run on them
+        for name, refused, why in (
+                ("ddp_ascent", cfg.ddp_ascent == "local", "each rank holds a shard of one "
+                 "replica: use --ddp-ascent global"),
+                ("amp", cfg.amp == "fp16", "fp16 loss scaling would need the ranks to agree on "
+                 "overflows: use --amp bf16"),
+                ("backend", cfg.backend in ("native", "triton"), "the fused backends' flat "
+                 "buffers cannot hold FSDP2's shards: use --backend reference or auto"),
+                ("sam_policy", cfg.sam_policy == "looksam", "LookSAM's projection is not "
+                 "sharded yet"),
+                ("compile", cfg.compile, "not tested with FSDP2 yet"),
+                ("sharpness_every", cfg.sharpness_every > 0, "the Hessian measurements run on "
+                 "rank 0 alone"),
+                ("eval_robust_every", cfg.eval_robust_every > 0, "the robust evaluation runs "
+                 "on rank 0 alone"),
+                ("adv_start", cfg.adv_start is not None, "adversarial training is not tested "
+                 "with FSDP2 yet")):
+            if refused:
+                bad(name, f"not supported with --fsdp ({why})")
     if cfg.resume and cfg.overwrite:
         bad("overwrite", "not allowed with --resume (continue the run, or replace it)")
     for k in cfg.snapshot_epochs:

@@ -19,6 +19,10 @@ names the snapshot, and its times include the inherited epochs'.
 epoch's row logs the fraction that did and what the epoch cost: forward + backward passes,
 the optimizer's own time, and both together in SGD-step equivalents (see ``epoch_cost``).
 
+Under torchrun every rank trains its shard of each batch, with DDP or, with ``--fsdp``, on an
+FSDP2 model (each residual block one unit); its checkpoints hold the full tensors, gathered
+from every rank, so they are the files a run without FSDP writes.
+
 Sections: configuration / set-up / one epoch / evaluation / run directory and checkpoints /
 logging / main. Epoch times count training only (evaluation and checkpoints excluded).
 """
@@ -406,8 +410,10 @@ def check_fork(path: Path, ckpt: dict, cfg: RunConfig, identity: dict) -> int:
     return epoch
 
 
-def restore(path: Path, ckpt: dict, model, opt, lr_sched, scaler, fork: bool) -> None:
-    """Load the training state of a checkpoint (RunError if it does not fit)."""
+def restore(path: Path, ckpt: dict, model, opt, lr_sched, scaler, fork: bool,
+            sharded: bool = False) -> None:
+    """Load the training state of a checkpoint (RunError if it does not fit); ``sharded``: into
+    an FSDP2 model and its SAM, each rank taking its shards of the full tensors."""
     try:
         optimizer_state = ckpt["optimizer"]
         if fork:
@@ -419,7 +425,14 @@ def restore(path: Path, ckpt: dict, model, opt, lr_sched, scaler, fork: bool) ->
                 {**saved, **{k: v for k, v in new.items()
                              if k not in ("params", "lr", "initial_lr")}}
                 for saved, new in zip(optimizer_state["param_groups"], fresh, strict=True)]}
-        model.load_state_dict(ckpt["model"])
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_model_state_dict)
+            set_model_state_dict(model, ckpt["model"],
+                                 options=StateDictOptions(full_state_dict=True))
+            optimizer_state = samfast.fsdp.shard_optimizer_state(opt, optimizer_state)
+        else:
+            model.load_state_dict(ckpt["model"])
         opt.load_state_dict(optimizer_state)
         lr_sched.load_state_dict(ckpt["lr_scheduler"])
         if scaler is not None and ckpt.get("grad_scaler"):
@@ -516,6 +529,27 @@ def plot_curves(path: Path, history: list[dict], schedule: samfast.SwitchSchedul
 # main
 # =============================================================================================
 
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: each residual block one unit (its weights all-gathered just before it runs, freed
+    after), the root one for the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if type(module).__name__.endswith("Block"):
+            fully_shard(module)
+    fully_shard(model)
+
+
+def full_state(model, opt) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts with full tensors on the CPU, as without
+    FSDP2: gathered from every rank's shards (every rank calls this; rank 0 gets the model's)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model_state = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model_state, samfast.fsdp.full_optimizer_state(opt.state_dict())
+
+
 def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1): one process group, NCCL
     on CUDA (one GPU per local rank), gloo on the CPU."""
@@ -549,11 +583,13 @@ def run(cfg: RunConfig) -> dict:
     model = build_model(cfg.model, NUM_CLASSES[cfg.dataset], cfg.dataset).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.fsdp:
+        shard_model(model)  # before the optimizer: it takes the sharded params
     opt = build_optimizer(cfg, model, math.ceil(len(train) / cfg.batch_size))
     schedule = cfg.schedule()
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg.lr_schedule, cfg.epochs))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    step_model = DistributedDataParallel(model) if world > 1 else model
+    step_model = DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
     forward_model = torch.compile(step_model) if cfg.compile else step_model
 
     start_epoch, history, wall_before, fork = 0, [], 0.0, None
@@ -562,7 +598,7 @@ def run(cfg: RunConfig) -> dict:
     if resumed:
         ckpt = read_checkpoint(ckpt_path)
         check_resume(ckpt_path, ckpt, cfg, identity)
-        restore(ckpt_path, ckpt, model, opt, lr_sched, scaler, fork=False)
+        restore(ckpt_path, ckpt, model, opt, lr_sched, scaler, fork=False, sharded=cfg.fsdp)
         start_epoch, history, wall_before = ckpt["epoch"], ckpt["history"], ckpt["wall_time_s"]
         fork = ckpt.get("fork")
         note = f"resuming {ckpt_path} at epoch {start_epoch}"
@@ -573,7 +609,7 @@ def run(cfg: RunConfig) -> dict:
             raise RunError(str(exc)) from exc
         ckpt = read_checkpoint(source)
         start_epoch = check_fork(source, ckpt, cfg, identity)
-        restore(source, ckpt, model, opt, lr_sched, scaler, fork=True)
+        restore(source, ckpt, model, opt, lr_sched, scaler, fork=True, sharded=cfg.fsdp)
         history = [{**row, "inherited": True} for row in ckpt["history"]]
         wall_before = ckpt["wall_time_s"]
         fork = {"from": str(source), "epoch": start_epoch}
@@ -598,8 +634,11 @@ def run(cfg: RunConfig) -> dict:
     t_run = time.perf_counter()
 
     def checkpoint(next_epoch: int) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+        """Under FSDP2 every rank calls it (the full tensors are gathered from all)."""
+        model_state, opt_state = (full_state(model, opt) if cfg.fsdp
+                                  else (model.state_dict(), opt.state_dict()))
+        return {"format": CHECKPOINT_FORMAT, "model": model_state,
+                "optimizer": opt_state, "lr_scheduler": lr_sched.state_dict(),
                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "epoch": next_epoch, "config": cfg.record(), "data": data, "world_size": world,
                 "fork": fork, "history": history, "torch_rng": torch.get_rng_state(),
@@ -608,8 +647,10 @@ def run(cfg: RunConfig) -> dict:
     from tqdm.auto import tqdm
     steps = math.ceil(len(train) / cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
-        if lead and epoch in cfg.snapshot_epochs:
-            save_checkpoint(out / f"epoch_{epoch}.pt", checkpoint(epoch))
+        if epoch in cfg.snapshot_epochs and (lead or cfg.fsdp):
+            snapshot = checkpoint(epoch)
+            if lead:
+                save_checkpoint(out / f"epoch_{epoch}.pt", snapshot)
         schedule.apply(opt, epoch)
         lr = opt.param_groups[0]["lr"]
         progress = None if (cfg.quiet or not lead) else tqdm(
@@ -628,9 +669,17 @@ def run(cfg: RunConfig) -> dict:
                "train_loss": train_loss, "train_acc": train_acc, "epoch_time_s": seconds,
                "test_loss": None, "test_acc": None, **cost}
         last = epoch == cfg.epochs - 1
+        evaluate_now = last or (epoch + 1) % cfg.eval_every == 0
+        save_now = last or (epoch + 1) % cfg.checkpoint_every == 0
         if not lead:
+            # FSDP2: the other ranks take part in rank 0's evaluation (every forward gathers
+            # the weights) and checkpoint (the full tensors), in the same order
+            if cfg.fsdp and evaluate_now:
+                evaluate(cfg, model, test, device)
+            if cfg.fsdp and save_now:
+                checkpoint(epoch + 1)
             continue
-        if last or (epoch + 1) % cfg.eval_every == 0:
+        if evaluate_now:
             row["test_loss"], row["test_acc"] = evaluate(cfg, model, test, device)
         if extra_eval is not None and (last or (epoch + 1) % cfg.eval_robust_every == 0):
             row["robust_acc"] = extra_eval(model)
@@ -646,7 +695,7 @@ def run(cfg: RunConfig) -> dict:
                   f"SAM steps {100 * cost['sam_fraction']:.0f}% cost "
                   f"{cost['cost_sgd_steps']:.0f} SGD steps{scores}",
                   file=sys.stderr, flush=True)
-        if last or (epoch + 1) % cfg.checkpoint_every == 0:
+        if save_now:
             save_checkpoint(ckpt_path, checkpoint(epoch + 1))
 
     if not lead:
