@@ -105,10 +105,11 @@ def _check_step_options(ascent: str, accumulation_steps, clip_grad_norm, clip_as
 _ONE_PASS_PLANS = (_policies.BASE_STEP, _policies.LOOKSAM_REUSE)
 
 
-def _check_policy_options(optimizer: SAM, plan: str, local: bool, clip_grad_norm) -> None:
+def _check_policy_options(optimizer: SAM, local: bool, clip_grad_norm) -> None:
     """Refuse the policy / option pairs whose step would be wrong rather than run them."""
     name = type(optimizer.policy).__name__
-    if plan == _policies.DECIDE and clip_grad_norm is not None:
+    if isinstance(optimizer.policy, _policies.AdaptiveSAM) and clip_grad_norm is not None:
+        # refused from the first step of the run, not only once the SAM phase starts
         raise ValueError(f"Invalid clip_grad_norm: with {name} the first pass's gradient is "
                          "the descent gradient or the ascent gradient depending on a decision "
                          "taken from its unclipped norm inside first_step, so it cannot be "
@@ -175,7 +176,10 @@ def sam_step(model: nn.Module, optimizer: SAM, loss_fn: Callable[..., Tensor],
     draws, the same all-reduced gradient); ``ascent="local"`` is refused with ``AdaptiveSAM``
     and ``LookSAM`` (per-replica norms and g_v would split the replicas), and
     ``clip_grad_norm`` with ``AdaptiveSAM`` (its decision needs the unclipped norm of a
-    gradient that may turn out to be the descent gradient).
+    gradient that may turn out to be the descent gradient). On ``LookSAM``'s reuse steps the
+    clip applies to g before g_v is added back (the paper's order: g_v's weight is relative
+    to ||g||), so the descent gradient's norm can exceed ``max_norm``, by a factor of up to
+    1 + alpha.
     """
     return _sam_step(model, optimizer, loss_fn, ascent=ascent, grad_scaler=grad_scaler,
                      accumulation_steps=accumulation_steps, clip_grad_norm=clip_grad_norm,
@@ -216,8 +220,11 @@ def _sam_step(model: nn.Module, optimizer, loss_fn: Callable[..., Tensor], *, as
             total = loss.detach() if total is None else total + loss.detach()
         return total / steps if steps > 1 else total
 
+    _check_policy_options(optimizer, ddp is not None and ascent == "local", clip_grad_norm)
+    if optimizer.second_pass_due or optimizer.perturbed:
+        raise RuntimeError("sam_step called between the optimizer's first_step and second_step "
+                           "(finish that step, or abort_step(), first)")
     plan = optimizer.plan_step()
-    _check_policy_options(optimizer, plan, ddp is not None and ascent == "local", clip_grad_norm)
     optimizer.zero_grad()
     if plan == _policies.BASE_STEP and not optimizer.sam_enabled:
         loss = one_pass(sync=True)

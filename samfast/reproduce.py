@@ -366,7 +366,8 @@ def estimate(scale: str, experiments=EXPERIMENTS, sgd_epoch_s: float | None = No
             epochs = cfg.epochs
             n_sam, n_adv = sched.sam_epochs, sched.adversarial_epochs
             policy = cfg.policy(1)  # a SAM epoch under a policy: SAM on a fraction of steps
-            n_sam = n_sam * (1.0 if policy is None else policy.fraction() or 1.0)
+            fraction = None if policy is None else policy.fraction()
+            n_sam = n_sam * (1.0 if fraction is None else fraction)
             c = (epochs - n_sam - n_adv + (n_sam * EPOCH_COST["sam"])
                  + n_adv * EPOCH_COST["adversarial"])
             if name in forks:  # the epochs before the fork are the source run's
@@ -590,11 +591,15 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
     for name, rs in res.items():
         mark = "†" if any(r["estimated"] for r in rs) else ""
         extra = [100 * (r["passes"] / s["passes"] - 1) for r, s in zip(rs, sgd)]
-        ratio = [r["cost"] / s["cost"] for r, s in zip(rs, sgd)]
+        # a cost ratio only where both runs measured every epoch: a measured run over a
+        # passes-only one would charge optimizer time to one side alone
+        measured = all(not r["estimated"] and not s["estimated"] for r, s in zip(rs, sgd))
+        ratio = (cell([r["cost"] / s["cost"] for r, s in zip(rs, sgd)], 3) if measured
+                 else "—")
         diff = "—" if name == "SGD" else cell([r["error"] - s["error"] for r, s in zip(rs, sgd)])
         rows.append("| " + " | ".join([
             name + mark, budgets.get(name, "—"), cell([100 * r["sam_fraction"] for r in rs], 1),
-            cell(extra, 1), cell(ratio, 3), cell([r["error"] for r in rs]), diff,
+            cell(extra, 1), ratio, cell([r["error"] for r in rs]), diff,
             cell([r["top1"] for r in rs], 1)]) + " |")
     text = "\n".join([
         f"Test error on {sgd[0]['test_images']:,} test images after {sgd[0]['epochs']} epochs; "
@@ -603,9 +608,12 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
         "'extra passes' are what it spent. Cost: SGD-step equivalents (passes + measured "
         "optimizer time; samfast/cifar/train.py epoch_cost) over the same seed's SGD run's. "
         "'vs SGD' is the paired difference in test error (same seed: same initialization and "
-        "data order). λ1: top Hessian eigenvalue of the training loss at the end. †: some "
-        "epochs of this run were trained before costs were measured and count their passes "
-        "only (no optimizer time).", "", *rows])
+        "data order). λ1: top Hessian eigenvalue of the training loss at the end. Budget: the "
+        "target each policy was set to (AE-SAM's threshold assumes a normal ||g||^2; 'SAM "
+        "steps' is what it spent). †: some epochs of this run were trained before costs were "
+        "measured and count their passes only; its cost ratio (and every run's, when SGD's is "
+        "such a run) is then not given, and the figure's x axis is passes, exact for every "
+        "run.", "", *rows])
     (root / "results.md").write_text(f"# efficient ({scale}, {seeds} seeds)\n\n{text}\n")
     (root / "results.json").write_text(json.dumps(res, indent=1))
     _plot_efficient(root, res)
@@ -621,26 +629,36 @@ def _efficient_budgets(runs: dict, scale: str) -> dict[str, str]:
     return {name: tag for name, tag in out.items() if name in runs}
 
 
+# family of runs -> (legend title, color, marker) in the efficient experiment's figure
+EFFICIENT_FAMILIES = {"SGD": ("SGD", "k", "s"), "SAM": ("full SAM", "C3", "s"),
+                      "SGD->SAM": ("late switch", "C0", "o"), "interval": ("Interval", "C1", "^"),
+                      "LookSAM": ("LookSAM", "C2", "v"), "random": ("RandomSwitch", "C4", "D"),
+                      "AE-SAM": ("AE-SAM", "C5", "P")}
+
+
+def efficient_family(name: str) -> str:
+    """The family of an efficient-experiment run: the longest family name it starts with
+    ("SGD->SAM@60" is a late switch, not SGD)."""
+    return next(f for f in sorted(EFFICIENT_FAMILIES, key=len, reverse=True)
+                if name == f or name.startswith(f))
+
+
 def _plot_efficient(root: Path, res: dict) -> None:
-    """Test error and sharpness against cost (x the same seed's SGD run), mean and 95%
-    interval per run, one marker per family of runs."""
+    """Test error and sharpness against forward + backward passes (x the same seed's SGD
+    run; exact for every run, while optimizer time is measured only in runs trained since
+    cost accounting), mean and 95% interval per run, one marker per family of runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = {"SGD": ("SGD", "k", "s"), "SAM": ("full SAM", "C3", "s"),
-                "SGD->SAM": ("late switch", "C0", "o"), "interval": ("Interval", "C1", "^"),
-                "LookSAM": ("LookSAM", "C2", "v"), "random": ("RandomSwitch", "C4", "D"),
-                "AE-SAM": ("AE-SAM", "C5", "P")}
     sgd = res["SGD"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "error", "test error (%)"),
                            (axes[1], "top1", "top Hessian eigenvalue")):
         labelled = set()
         for name, rs in res.items():
-            family = next(f for f in families if name == f or name.startswith(f))
-            title, color, marker = families[family]
-            x = mean_ci([r["cost"] / s["cost"] for r, s in zip(rs, sgd)])
+            title, color, marker = EFFICIENT_FAMILIES[efficient_family(name)]
+            x = mean_ci([r["passes"] / s["passes"] for r, s in zip(rs, sgd)])
             y = mean_ci([r[key] for r in rs])
             ax.errorbar(x[0], y[0], xerr=None if math.isnan(x[1]) else x[1],
                         yerr=None if math.isnan(y[1]) else y[1], marker=marker, color=color,
@@ -648,11 +666,11 @@ def _plot_efficient(root: Path, res: dict) -> None:
             labelled.add(title)
             ax.annotate(name, (x[0], y[0]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
-        ax.set(xlabel="cost (SGD-step equivalents, x SGD)", ylabel=label)
+        ax.set(xlabel="forward + backward passes (x SGD)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_title("test error vs cost")
-    axes[1].set_title("sharpness vs cost")
+    axes[0].set_title("test error vs passes")
+    axes[1].set_title("sharpness vs passes")
     fig.tight_layout()
     fig.savefig(root / "figure.png", dpi=110)
     plt.close(fig)

@@ -355,12 +355,25 @@ class _FakeDDP:
         raise AssertionError("no pass may run")
 
 
-def test_adaptive_policy_refuses_clip_grad_norm():
+@pytest.mark.parametrize("sam_phase", [True, False], ids=["sam-phase", "sgd-phase"])
+def test_adaptive_policy_refuses_clip_grad_norm_from_the_first_step(sam_phase):
     model = make_model()
     opt = make_opt(model, "reference")
     opt.policy = POLICY_RUNS["adaptive"]()
+    opt.sam_enabled = sam_phase  # in an SGD phase too: not only once the SAM phase starts
     x, y = full_batch(0)
     with pytest.raises(ValueError, match="Invalid clip_grad_norm: with AdaptiveSAM"):
         sam_step(model, opt, lambda: F.cross_entropy(model(x), y), clip_grad_norm=1.0)
+    assert opt.counters["steps"] == 0
     opt.policy = POLICY_RUNS["interval"]()  # one-pass steps clip their only gradient
     sam_step(model, opt, lambda: F.cross_entropy(model(x), y), clip_grad_norm=1.0)
+
+
+def test_sam_step_mid_step_names_itself():
+    model = make_model()
+    opt = make_opt(model, "reference")
+    x, y = full_batch(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with pytest.raises(RuntimeError, match="sam_step called between"):
+        sam_step(model, opt, lambda: F.cross_entropy(model(x), y))

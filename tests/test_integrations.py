@@ -451,5 +451,19 @@ def test_hf_trainer_refuses_gradient_accumulation(tmp_path, fresh_accelerate_sta
                    optimizers=(samfast.SAM(model.parameters(), **OPT), None))
 
 
+
+def test_hf_trainer_refuses_a_sam_policy(tmp_path, fresh_accelerate_state):
+    """Its second pass runs inside training_step and the Trainer clips and steps after it: a
+    policy's one-pass steps cannot be taken there, so a policy is refused, not run wrongly."""
+    pytest.importorskip("transformers")
+    from transformers import TrainingArguments
+    from samfast.integrations.accelerate import SAMTrainer
+    model = tiny_bert()
+    args = TrainingArguments(str(tmp_path), report_to="none")
+    with pytest.raises(ValueError, match="SAMTrainer does not support SAM policies"):
+        SAMTrainer(model=model, args=args, train_dataset=TokenData(),
+                   optimizers=(samfast.SAM(model.parameters(), policy=samfast.Interval(2),
+                                           **OPT), None))
+
 if __name__ == "__main__":
     _lightning_ddp_main(sys.argv[1])

@@ -637,3 +637,45 @@ def test_second_pass_due_tells_a_one_pass_step_from_a_skipped_ascent():
     (params[0] ** 2).sum().backward()
     opt.second_step()
     assert not opt.second_pass_due and opt.skipped_steps == 1 and opt.policy.step == 2
+
+
+def test_efficient_families_put_each_run_where_it_belongs():
+    from samfast import reproduce
+    want = {"SGD": "SGD", "SAM": "SAM", "SGD->SAM@60": "SGD->SAM", "SGD->SAM@72": "SGD->SAM"}
+    names = reproduce.runs_of("efficient", "small")
+    for name in names:
+        family = reproduce.efficient_family(name)
+        assert family == want.get(name, name.split(" ")[0]), (name, family)
+    assert {reproduce.efficient_family(n) for n in names} == set(reproduce.EFFICIENT_FAMILIES)
+
+
+def test_efficient_report_gives_no_cost_ratio_against_a_passes_only_sgd_run(tmp_path):
+    """SGD trained before cost accounting (passes only), a policy run measured: the passes
+    are compared, the mixed cost ratio is not given (it would charge optimizer time to one
+    side only); with both measured it is."""
+    from samfast import reproduce
+
+    def write(name, rows, sam_epochs):
+        run = tmp_path / reproduce._slug(name) / "seed0"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({
+            "test_acc": 60.0, "train_acc": 100.0, "hessian_top": [5.0, 4.0],
+            "sam_epochs": sam_epochs, "epochs": 2,
+            "config": {"train_subset": 200, "batch_size": 100, "test_subset": None}}))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    measured = [{"epoch": e, "phase": "sam", "steps": 2, "sam_steps": 1, "passes": 3,
+                 "cost_sgd_steps": 3.5} for e in range(2)]
+    write("interval k=2", measured, 2)
+    write("SGD", [{"epoch": e, "phase": "sgd"} for e in range(2)], 0)
+    runs = {"SGD": [], "interval k=2": []}
+    text = reproduce.report_efficient(tmp_path, runs, 1, "smoke")
+    row = next(line for line in text.splitlines() if line.startswith("| interval k=2"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "50.0" and cells[4] == "—", cells  # 6 passes vs 4; no mixed ratio
+    shutil.rmtree(tmp_path / "SGD")
+    write("SGD", [{"epoch": e, "phase": "sgd", "steps": 2, "sam_steps": 0, "passes": 2,
+                   "cost_sgd_steps": 2.1} for e in range(2)], 0)
+    text = reproduce.report_efficient(tmp_path, runs, 1, "smoke")
+    row = next(line for line in text.splitlines() if line.startswith("| interval k=2"))
+    assert [c.strip() for c in row.strip("|").split("|")][4] == "1.667"  # 7 / 4.2

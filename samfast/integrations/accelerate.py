@@ -108,6 +108,16 @@ class _FinishSAMStep(torch.optim.Optimizer):
         return f"{type(self).__name__}({self.optimizer!r})"
 
 
+def _refuse_policy(sam) -> None:
+    """SAMTrainer runs both passes inside ``training_step`` and lets the Trainer clip and step
+    after it: a policy's one-pass steps (or AE-SAM's decision after the first pass) would need
+    the Trainer to skip the second pass and clip before the step is taken."""
+    if sam.policy is not None:
+        raise ValueError(f"Invalid optimizer: SAMTrainer does not support SAM policies yet "
+                         f"(got {type(sam.policy).__name__}); use sam.policy = None, or "
+                         "samfast.integrations.accelerate.sam_step in an Accelerate loop")
+
+
 def _sam_trainer_class():
     from transformers import Trainer, TrainerCallback
 
@@ -149,10 +159,12 @@ def _sam_trainer_class():
                 raise ValueError("Invalid gradient_accumulation_steps: SAMTrainer needs 1 (each "
                                  "micro-batch would be needed in both passes)")
             _check_accelerator(self.accelerator)
+            _refuse_policy(self.sam)
             self.add_callback(_RestoreSkippedStep(self.sam))
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             sam = self.sam
+            _refuse_policy(sam)
             if self.sam_schedule is not None:
                 epoch = int(self.state.epoch or 0)
                 if sam.sam_enabled != self.sam_schedule.sam_at(epoch):
