@@ -89,6 +89,7 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
         dist.all_gather_object(gathered, counts)
         if rank == 0:
             torch.save(gathered, out)
+        dist.barrier()  # all collectives done before any rank tears gloo down
     finally:
         dist.destroy_process_group()
 

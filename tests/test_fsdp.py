@@ -207,6 +207,9 @@ def _worker(rank, world, port, out):
         results["nan"] = _snapshot(model, opt)
         results.update(_readme_snippets(rank, world, out))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        # every rank done with every collective before any tears its gloo pairs down: without
+        # it, 2 of 6 spawns here aborted at exit ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
