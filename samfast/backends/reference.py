@@ -12,12 +12,12 @@ normalize, sam_eps)::
     e    = rho * T(w)^2 * g / (N + eps)      if normalize (SAM, ASAM)
     e    = rho * T(w)^2 * g                  otherwise     (unnormalized SAM, "USAM")
 
-N is accumulated in float32, or float64 when any gradient is float64.
+N is accumulated in float32, or float64 when any gradient is float64. Half-precision weights
+are updated in float32 and rounded once (w <- round(float(w) + e)), as the fused kernels do.
 
 FSDP2 (params that are sharded DTensors, see samfast/fsdp.py): every op above runs on the local
 shards of w and g (``local``), N from the all-reduced sum of their squares, and the non-finite
-check of a gradient is all-reduced, so that every rank skips together. Half-precision weights
-are updated in float32 and rounded once (w <- round(float(w) + e)), as the fused kernels do.
+check of a gradient is all-reduced, so that every rank skips together.
 
 LookSAM (samfast/policies.py), with a missing gradient taken as a zero vector and sums over
 every param of every group, accumulated like N (float64 if any param is float64):
