@@ -218,6 +218,7 @@ def _ddp_worker(rank, port, out):
                 results[backend, name] = ({n: p.detach().clone() for n, p in
                                            model.state_dict().items()}, per_step)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # all collectives done before gloo tears down (see test_fsdp)
     finally:
         dist.destroy_process_group()
 

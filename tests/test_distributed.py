@@ -86,6 +86,7 @@ def _worker(rank, port, out, ascent, backend, schedule_start, nan_step=None, omi
         if rank == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()},
                        os.path.join(out, "ckpt.pt"))
+        dist.barrier()  # all collectives done before gloo tears down (see test_fsdp)
     finally:
         dist.destroy_process_group()
 
@@ -299,6 +300,7 @@ def _policy_worker(rank, port, out):
                 result[f"{backend}/{name}"] = {"plans": torch.tensor(plans), **{
                     k: v.detach().clone() for k, v in model.state_dict().items()}}
         torch.save(result, os.path.join(out, f"policies{rank}.pt"))
+        dist.barrier()  # all collectives done before gloo tears down (see test_fsdp)
     finally:
         dist.destroy_process_group()
 

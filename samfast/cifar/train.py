@@ -730,6 +730,11 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
         summary = run(cfg)
+        if dist.is_available() and dist.is_initialized():
+            # every rank past its last collective before any tears its gloo pairs down (gloo
+            # otherwise aborted at exit now and then: "terminate called without an active
+            # exception")
+            dist.barrier()
     except (DataError, RunError) as exc:
         print(f"samfast-train: error: {exc}", file=sys.stderr)
         return 2
