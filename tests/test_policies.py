@@ -437,20 +437,13 @@ def trainer_args(out, *extra):
 
 
 def test_trainer_runs_each_policy_counts_its_passes_and_resumes_bit_identically(tmp_path,
-                                                                                 monkeypatch):
+                                                                                 training_passes):
     """4 steps per epoch, SAM from epoch 1 of 3: each policy's SAM steps are counted in the
     rows (and equal the forward passes the model saw beyond one per step), the cost is in
     SGD-step equivalents, and a run stopped after epoch 2 and resumed ends bit-identical
     (RandomSwitch's draws, AE-SAM's statistics and LookSAM's g_v all come from last.pt)."""
     from samfast.cifar import train as trainer
-    passes: list[int] = []
-    build = trainer.build_model
-
-    def counting_model(*a, **k):
-        model = build(*a, **k)
-        model.register_forward_pre_hook(lambda m, inp: passes.append(1) if m.training else None)
-        return model
-    monkeypatch.setattr(trainer, "build_model", counting_model)
+    passes = training_passes
     common = ("--epochs", "3", "--sam-start", "1", "--deterministic", "--lr-schedule", "cosine")
     flags = {"interval": ["--interval-k", "2"], "looksam": ["--looksam-k", "3"],
              "random": ["--random-p", "0.5"], "adaptive": ["--adaptive-lambda1", "0",

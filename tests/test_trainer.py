@@ -239,15 +239,9 @@ def test_config_record_round_trips_and_an_old_record_takes_the_defaults():
 
 # -- the trainer -----------------------------------------------------------------------------
 
-def test_sam_switch_happens_at_the_right_epoch_and_doubles_passes(tmp_path, monkeypatch):
-    passes: list[int] = []
-    build = trainer.build_model
-
-    def counting_model(*a, **k):
-        model = build(*a, **k)
-        model.register_forward_pre_hook(lambda m, inp: passes.append(1) if m.training else None)
-        return model
-    monkeypatch.setattr(trainer, "build_model", counting_model)
+def test_sam_switch_happens_at_the_right_epoch_and_doubles_passes(tmp_path, monkeypatch,
+                                                                   training_passes):
+    passes = training_passes
     per_epoch = []
 
     real_epoch = trainer.train_epoch
