@@ -18,7 +18,7 @@ import samfast
 from samfast.distributed import sam_step
 
 from ground_truth import GroundTruthSAM, GTGroup
-from test_distributed import WORLD, _free_port, full_batch, make_model, shard
+from test_distributed import WORLD, _free_port, full_batch, gloo_group, make_model, shard
 
 BACKENDS = [b for b in samfast.available_backends("cpu") if b != "triton"]
 STEPS = 8
@@ -188,10 +188,7 @@ def _count_allreduces(calls: list, bucket):
 
 
 def _ddp_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with gloo_group(rank, port):
         results = {}
         for backend in BACKENDS:
             for name, (ascent, k, clip) in SCENARIOS.items():
@@ -218,9 +215,6 @@ def _ddp_worker(rank, port, out):
                 results[backend, name] = ({n: p.detach().clone() for n, p in
                                            model.state_dict().items()}, per_step)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-        dist.barrier()  # all collectives done before gloo tears down (see test_fsdp)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

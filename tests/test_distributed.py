@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import warnings
@@ -47,11 +48,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, port, out, ascent, backend, schedule_start, nan_step=None, omit_step=None):
+@contextlib.contextmanager
+def gloo_group(rank: int, port: int, world: int = WORLD):
+    """A spawned rank's gloo process group on the CPU (one thread), torn down after a barrier
+    once the body succeeded: without it gloo aborted at exit now and then ("terminate called
+    without an active exception", 2 of 6 FSDP spawns)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, port, out, ascent, backend, schedule_start, nan_step=None, omit_step=None):
+    with gloo_group(rank, port):
         model = make_model()
         ddp = DDP(model)
         opt = make_opt(model, backend)
@@ -86,9 +99,6 @@ def _worker(rank, port, out, ascent, backend, schedule_start, nan_step=None, omi
         if rank == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()},
                        os.path.join(out, "ckpt.pt"))
-        dist.barrier()  # all collectives done before gloo tears down (see test_fsdp)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_ddp(tmp_path, ascent, backend="reference", schedule_start=0, nan_step=None,
@@ -286,10 +296,7 @@ def _policy_run(model, opt, step_model, rank=None):
 
 
 def _policy_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with gloo_group(rank, port):
         result = {}
         for backend in BACKENDS:
             for name, policy in POLICY_RUNS.items():
@@ -300,9 +307,6 @@ def _policy_worker(rank, port, out):
                 result[f"{backend}/{name}"] = {"plans": torch.tensor(plans), **{
                     k: v.detach().clone() for k, v in model.state_dict().items()}}
         torch.save(result, os.path.join(out, f"policies{rank}.pt"))
-        dist.barrier()  # all collectives done before gloo tears down (see test_fsdp)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_policies_under_ddp_equal_single_process_on_the_full_batch(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import warnings
 
 import pytest
@@ -23,6 +22,7 @@ from torch.nn import functional as F
 import samfast
 import use_it_with
 from samfast.distributed import sam_step
+from test_distributed import _free_port, gloo_group
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -72,12 +72,6 @@ def loss_fn_for(model, x, y, step_options):
 
 
 # -- the workers ------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _sharded_model(dtype):
     from torch.distributed.fsdp import fully_shard
@@ -180,10 +174,7 @@ def _readme_snippets(rank, world, out) -> dict:
 
 
 def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
+    with gloo_group(rank, port, world):
         results = {"errors": _errors(world)}
         for name, (dtype, options, step_options) in SCENARIOS.items():
             model = _sharded_model(dtype)
@@ -207,11 +198,6 @@ def _worker(rank, world, port, out):
         results["nan"] = _snapshot(model, opt)
         results.update(_readme_snippets(rank, world, out))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
-        # every rank done with every collective before any tears its gloo pairs down: without
-        # it, 2 of 6 spawns here aborted at exit ("terminate called without an active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
