@@ -226,47 +226,40 @@ def _sam_step(model: nn.Module, optimizer, loss_fn: Callable[..., Tensor], *, as
                            "(finish that step, or abort_step(), first)")
     plan = optimizer.plan_step()
     optimizer.zero_grad()
-    if plan == _policies.BASE_STEP and not optimizer.sam_enabled:
-        loss = one_pass(sync=True)
-        if clip_grad_norm is not None:
-            _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
-        optimizer.base_step(grad_scaler=grad_scaler)
-        if grad_scaler is not None:
-            grad_scaler.update()
-        return loss
     if plan in _ONE_PASS_PLANS:
-        # a policy's one-pass step inside the SAM phase ("base", LookSAM's reuse step):
-        # first_step takes it whole (and advances the policy); second_step only finishes it
+        # One pass: the SGD phase's base step, or a policy's one-pass step inside the SAM
+        # phase ("base", LookSAM's reuse step), which first_step takes whole (advancing the
+        # policy) and second_step only finishes.
         loss = one_pass(sync=True)
         if clip_grad_norm is not None:
             _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
-        optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler)
-        optimizer.second_step()
-        if grad_scaler is not None:
-            grad_scaler.update()
-        return loss
-    local = ddp is not None and ascent == "local"
-    loss = one_pass(sync=not local)
-    if clip_ascent:
-        _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
-    optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler,
-                         agree_skip=_all_replicas_skip if local else None)
-    if not optimizer.second_pass_due:  # a "decide" plan (AdaptiveSAM) that decided on one pass
-        optimizer.second_step()
-        if grad_scaler is not None:
-            grad_scaler.update()
-        return loss
-    try:
-        # Never tracked: at w + e it is not the model's batch statistics, and after a skipped
-        # ascent it repeats the first pass, whose statistics are already counted.
-        with running_stats_disabled(bn_model if bn_model is not None else unwrap(model)):
-            one_pass(sync=True)
-        if clip_grad_norm is not None:
+        if optimizer.sam_enabled:
+            optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler)
+            optimizer.second_step()
+        else:
+            optimizer.base_step(grad_scaler=grad_scaler)
+    else:
+        local = ddp is not None and ascent == "local"
+        loss = one_pass(sync=not local)
+        if clip_ascent:
             _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
-    except BaseException:  # the weights hold w + e: put w back before propagating
-        optimizer.abort_step()
-        raise
-    optimizer.second_step(zero_grad=True, grad_scaler=grad_scaler)
+        optimizer.first_step(zero_grad=True, grad_scaler=grad_scaler,
+                             agree_skip=_all_replicas_skip if local else None)
+        if optimizer.second_pass_due:  # not after a "decide" plan that decided on one pass
+            try:
+                # Never tracked: at w + e it is not the model's batch statistics, and after a
+                # skipped ascent it repeats the first pass, whose statistics are counted.
+                with running_stats_disabled(bn_model if bn_model is not None
+                                            else unwrap(model)):
+                    one_pass(sync=True)
+                if clip_grad_norm is not None:
+                    _clip_grad_norm(optimizer, clip_grad_norm, grad_scaler)
+            except BaseException:  # the weights hold w + e: put w back before propagating
+                optimizer.abort_step()
+                raise
+            optimizer.second_step(zero_grad=True, grad_scaler=grad_scaler)
+        else:
+            optimizer.second_step()
     if grad_scaler is not None:
         grad_scaler.update()
     return loss
