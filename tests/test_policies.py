@@ -499,7 +499,7 @@ def test_smoke_efficient_spends_each_budget_and_reports_cost(tmp_path, capsys):
     assert set(res) == set(reproduce.runs_of("efficient", "smoke"))
     fraction = {name: rs[0]["sam_fraction"] for name, rs in res.items()}
     assert fraction["SGD"] == 0 and fraction["SAM"] == 1
-    for name in ("SGD->SAM@3", "interval k=4", "LookSAM k=4"):
+    for name in ("SGD->SAM@3", "interval k=4", "LookSAM k=4 a=0.2"):
         assert fraction[name] == 0.25, (name, fraction)
     assert "interval k=10" in reproduce.runs_of("efficient", "small") and len(res) == 7
     cost = {name: rs[0]["cost"] for name, rs in res.items()}
