@@ -6,10 +6,23 @@ optimizer's state, between steps) and the backup of w (between ``first_step`` an
 script spawns that many gloo processes on the CPU, runs a few SAM steps of ResNet-20 and counts,
 on every rank, the bytes of the local tensors: the params' shards, the momentum buffers'
 shards and the ascent's backups (read from the reference backend between the two passes).
-The unsharded row is single-process SAM (reference backend) on the same model. The counts are
-exact tensor sizes, not a memory profiler's reading, so they do not depend on the machine.
+The unsharded row is single-process SAM on the same model. The counts are exact tensor sizes,
+not a memory profiler's reading, so they do not depend on the machine.
 
-    python bench/bench_fsdp_memory.py [--worlds 2 3 4] [--model resnet20] [--save]
+Per backend: the reference keeps momentum (torch's SGD) and backups as tensors like the
+params; a fused backend keeps both in its flat buffers (with their 16-element alignment
+padding), and under FSDP2 also a flat mirror of the local shards and of their gradients
+(samfast.flat.ShardedFlatBucket: FSDP2 all-gathers from shard buffers it owns), counted as
+"flat mirrors".
+
+With ``--time``, each world size also times the optimizer's side of a SAM step (first_step +
+second_step: norm and its all-reduce, ascent, copies in and out of the mirrors, restore and
+SGD update; not the forward and backward passes) on every backend, the backends' steps
+interleaved in one process per rank so that a slow spell of a shared machine hits all of
+them; the median over steps of the slowest rank's time, and the ratio to the reference.
+
+    python bench/bench_fsdp_memory.py [--worlds 2 3 4] [--backends reference native] [--time]
+                                      [--save]
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +47,7 @@ from samfast.cifar.models import build_model  # noqa: E402
 from samfast.fsdp import local  # noqa: E402
 
 STEPS = 2
+TIMED_STEPS = 30
 BATCH_PER_RANK = 8
 
 
@@ -45,9 +60,10 @@ def _model(name: str):
     return build_model(name)
 
 
-def measure(model, rank: int, world: int) -> dict:
-    """A few SAM steps; the bytes of this rank's params, momentum and backups."""
-    opt = samfast.SAM(model.parameters(), backend="reference", lr=0.05, momentum=0.9)
+def measure(model, rank: int, world: int, backend: str) -> dict:
+    """A few SAM steps; the bytes of this rank's params, momentum, backups and flat mirrors."""
+    opt = samfast.SAM(model.parameters(), backend=backend, lr=0.05, momentum=0.9)
+    fused = backend != "reference"
     backups = 0
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(step)
@@ -57,13 +73,60 @@ def measure(model, rank: int, world: int) -> dict:
         opt.zero_grad()
         F.cross_entropy(model(xs), ys).backward()
         opt.first_step(zero_grad=True)
-        backups = max(backups, _bytes(opt._backend._backups))  # w, saved until second_step
+        backups = max(backups, _bytes(  # w, saved until second_step
+            [b.backup for b in opt._backend.buckets] if fused else opt._backend._backups))
         F.cross_entropy(model(xs), ys).backward()
         opt.second_step(zero_grad=True)
     params = [p for g in opt.param_groups for p in g["params"]]
-    return {"params": _bytes(local(p) for p in params),
-            "momentum": _bytes(local(opt.state[p]["momentum_buffer"]) for p in params),
-            "backups": backups}
+    if fused:
+        buckets = opt._backend.buckets
+        momentum = _bytes(b.momentum for b in buckets)
+        mirrors = _bytes(t for b in buckets if opt._sharding is not None
+                         for t in (b.param, b.grad))
+    else:
+        momentum = _bytes(local(opt.state[p]["momentum_buffer"]) for p in params)
+        mirrors = 0
+    return {"params": _bytes(local(p) for p in params), "momentum": momentum,
+            "backups": backups, "mirrors": mirrors}
+
+
+def time_steps(name: str, rank: int, world: int, backends: list[str], steps: int) -> dict:
+    """Seconds of each backend's optimizer side per SAM step (see the module docstring),
+    the backends interleaved step by step on identical sharded models."""
+    import time
+
+    from torch.distributed.fsdp import fully_shard
+
+    runs = []
+    for backend in backends:
+        model = _model(name)
+        for module in model.modules():
+            if type(module).__name__ == "_BasicBlock":
+                fully_shard(module)
+        fully_shard(model)
+        runs.append((backend, model, samfast.SAM(model.parameters(), backend=backend, lr=0.05,
+                                                 momentum=0.9)))
+    seconds: dict[str, list[float]] = {b: [] for b in backends}
+    for step in range(steps + 2):  # the first two are warm-up
+        gen = torch.Generator().manual_seed(step)
+        x = torch.rand(BATCH_PER_RANK * world, 3, 32, 32, generator=gen)
+        y = torch.randint(0, 10, (BATCH_PER_RANK * world,), generator=gen)
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        for backend, model, opt in runs:
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.first_step(zero_grad=True)
+            spent = time.perf_counter() - t0
+            F.cross_entropy(model(xs), ys).backward()
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.second_step(zero_grad=True)
+            spent += time.perf_counter() - t0
+            if step >= 2:
+                seconds[backend].append(spent)
+    return seconds
 
 
 def _free_port() -> int:
@@ -72,7 +135,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, name: str, backend, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -84,7 +147,8 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
             if type(module).__name__ == "_BasicBlock":
                 fully_shard(module)
         fully_shard(model)
-        counts = measure(model, rank, world)
+        counts = (time_steps(name, rank, world, backend, TIMED_STEPS)
+                  if isinstance(backend, list) else measure(model, rank, world, backend))
         gathered = [None] * world
         dist.all_gather_object(gathered, counts)
         if rank == 0:
@@ -97,36 +161,65 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--backends", nargs="+", default=["reference", "native"])
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--time", action="store_true", help="also time the optimizer side")
     parser.add_argument("--save", action="store_true", help="write bench/results/fsdp_memory-*")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    unsharded = measure(_model(args.model), 0, 1)
-    rows, raw = [], {"unsharded": unsharded}
-    state = unsharded["momentum"] + unsharded["backups"]
-    rows.append(["1 (no FSDP)", "-", f"{unsharded['params'] / 2**20:.3f}",
-                 f"{unsharded['momentum'] / 2**20:.3f}", f"{unsharded['backups'] / 2**20:.3f}",
-                 f"{state / 2**20:.3f}", "1.000"])
-    for world in args.worlds:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "counts.pt")
-            mp.spawn(_worker, args=(world, _free_port(), args.model, out), nprocs=world,
-                     join=True)
-            per_rank = torch.load(out)
-        raw[f"world{world}"] = per_rank
-        for rank, c in enumerate(per_rank):
-            rank_state = c["momentum"] + c["backups"]
-            rows.append([str(world), str(rank), f"{c['params'] / 2**20:.3f}",
-                         f"{c['momentum'] / 2**20:.3f}", f"{c['backups'] / 2**20:.3f}",
-                         f"{rank_state / 2**20:.3f}", f"{rank_state / state:.3f}"])
-    table = markdown_table(["world", "rank", "params MiB", "momentum MiB", "SAM backup MiB",
-                            "optimizer state MiB", "x unsharded"], rows)
-    print(f"{args.model}, SAM over SGD with momentum, fp32 (reference backend)\n")
-    print(table)
+    rows, raw = [], {}
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.3f}"
+
+    for backend in args.backends:
+        unsharded = measure(_model(args.model), 0, 1, backend)
+        raw[backend] = {"unsharded": unsharded}
+        state = unsharded["momentum"] + unsharded["backups"] + unsharded["mirrors"]
+        rows.append([backend, "1 (no FSDP)", "-", mib(unsharded["params"]),
+                     mib(unsharded["momentum"]), mib(unsharded["backups"]),
+                     mib(unsharded["mirrors"]), mib(state), "1.000"])
+        for world in args.worlds:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "counts.pt")
+                mp.spawn(_worker, args=(world, _free_port(), args.model, backend, out),
+                         nprocs=world, join=True)
+                per_rank = torch.load(out)
+            raw[backend][f"world{world}"] = per_rank
+            for rank, c in enumerate(per_rank):
+                rank_state = c["momentum"] + c["backups"] + c["mirrors"]
+                rows.append([backend, str(world), str(rank), mib(c["params"]),
+                             mib(c["momentum"]), mib(c["backups"]), mib(c["mirrors"]),
+                             mib(rank_state), f"{rank_state / state:.3f}"])
+    table = markdown_table(["backend", "world", "rank", "params MiB", "momentum MiB",
+                            "SAM backup MiB", "flat mirrors MiB", "optimizer state MiB",
+                            "x unsharded (same backend)"], rows)
+    title = f"{args.model}, SAM over SGD with momentum, fp32"
+    text = f"{title}\n\n{table}"
+    if args.time:
+        rows = []
+        for world in args.worlds:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "times.pt")
+                mp.spawn(_worker, args=(world, _free_port(), args.model, args.backends, out),
+                         nprocs=world, join=True)
+                per_rank = torch.load(out)
+            raw[f"times_world{world}"] = per_rank
+            slowest = {b: [max(r[b][i] for r in per_rank) for i in range(TIMED_STEPS)]
+                       for b in args.backends}
+            base = statistics.median(slowest[args.backends[0]])
+            for b in args.backends:
+                med = statistics.median(slowest[b])
+                rows.append([str(world), b, f"{1e3 * med:.2f}", f"{base / med:.2f}"])
+        text += ("\n\nOptimizer side of a SAM step under FSDP2 (first_step + second_step, "
+                 f"no forward/backward), median of {TIMED_STEPS} steps of the slowest rank, "
+                 f"{BATCH_PER_RANK} images per rank, gloo, 1 thread per rank, the backends "
+                 "interleaved:\n\n" + markdown_table(
+                     ["world", "backend", "ms", f"speed-up vs {args.backends[0]}"], rows))
+    print(text)
     if args.save:
         env = environment(torch.device("cpu"))
-        path = write_results("fsdp_memory", env, f"{args.model}, SAM over SGD with momentum, "
-                             f"fp32 (reference backend)\n\n{table}", raw, None)
+        path = write_results("fsdp_memory", env, text, raw, None)
         print(f"\nwritten: {path}")
 
 

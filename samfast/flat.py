@@ -46,6 +46,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from .fsdp import local
+
 # Elements: 16 x 2 bytes (fp16/bf16) = 32 bytes, fp32 64 bytes (a CPU cache line), fp64 128.
 ALIGN = 16
 
@@ -77,12 +79,16 @@ def _is_dense(p: Tensor) -> bool:
 class FlatBucket:
     """Contiguous param/grad/backup/momentum buffers for one (group, device, dtype)."""
 
-    def __init__(self, params: list[Tensor], group_index: int) -> None:
+    def __init__(self, params: list[Tensor], group_index: int,
+                 layout: list[Tensor] | None = None) -> None:
         self.params = params
         self.group_index = group_index
-        self.device, self.dtype = params[0].device, params[0].dtype
+        # The tensors whose sizes and strides the views take: the params themselves, or
+        # (ShardedFlatBucket) this rank's local shards of them.
+        layout = params if layout is None else layout
+        self.device, self.dtype = layout[0].device, layout[0].dtype
         self.offsets, offset = [], 0
-        for p in params:
+        for p in layout:
             self.offsets.append(offset)
             offset += _padded(p.numel())
         # A param's slice runs to the next param's offset: a run includes its zero padding.
@@ -92,9 +98,10 @@ class FlatBucket:
         self.param = torch.zeros(self.numel, **kw)
         self.grad = torch.zeros(self.numel, **kw)
         self.backup = torch.zeros(self.numel, **kw)
-        self.param_views = [_view_like(self.param, o, p) for o, p in zip(self.offsets, params)]
+        self.layout = layout
+        self.param_views = [_view_like(self.param, o, p) for o, p in zip(self.offsets, layout)]
         self.param_ptrs = [v.data_ptr() for v in self.param_views]
-        self.grad_views = [_view_like(self.grad, o, p) for o, p in zip(self.offsets, params)]
+        self.grad_views = [_view_like(self.grad, o, p) for o, p in zip(self.offsets, layout)]
         self._warned_copy = False
         # SGD momentum (allocated on the first SGD step)
         self.momentum: Tensor | None = None
@@ -109,12 +116,15 @@ class FlatBucket:
         self.gv: Tensor | None = None
         self.gv_views: list[Tensor] = []
         self._mask_tensors: dict[tuple, Tensor] = {}
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                self._adopt_param(i)
-                if p.grad is not None:
-                    self.grad_views[i].copy_(p.grad)
-                    p.grad = self.grad_views[i]
+        self._adopt_params()
+
+    @torch.no_grad()
+    def _adopt_params(self) -> None:
+        for i, p in enumerate(self.params):
+            self._adopt_param(i)
+            if p.grad is not None:
+                self.grad_views[i].copy_(p.grad)
+                p.grad = self.grad_views[i]
 
     def _adopt_param(self, i: int) -> None:
         p = self.params[i]
@@ -238,7 +248,7 @@ class FlatBucket:
     def ensure_gv(self) -> None:
         if self.gv is None:
             self.gv = torch.zeros_like(self.param)
-            self.gv_views = [_view_like(self.gv, o, p) for o, p in zip(self.offsets, self.params)]
+            self.gv_views = [_view_like(self.gv, o, p) for o, p in zip(self.offsets, self.layout)]
 
     def release_gv(self) -> None:
         self.gv, self.gv_views = None, []
@@ -249,7 +259,7 @@ class FlatBucket:
         if self.momentum is None:
             self.momentum = torch.zeros_like(self.param)
             self.momentum_views = [_view_like(self.momentum, o, p)
-                                   for o, p in zip(self.offsets, self.params)]
+                                   for o, p in zip(self.offsets, self.layout)]
             self.started = torch.zeros(len(self.params), dtype=torch.bool, device=self.device)
             self.started_views = list(self.started.unbind())
 
@@ -282,8 +292,16 @@ class FlatBucket:
         if not all(self.published):
             for i, p in enumerate(self.params):
                 if mask[i] and not self.published[i]:
-                    state[p]["momentum_buffer"] = self.momentum_views[i]
+                    state[p]["momentum_buffer"] = self._published_momentum(i)
                     self.published[i] = True
+
+    def _published_momentum(self, i: int) -> Tensor:
+        """What ``optimizer.state[p]["momentum_buffer"]`` holds for param i: its view."""
+        return self.momentum_views[i]
+
+    def _holds(self, buf: Tensor, i: int) -> bool:
+        """Whether the state's ``buf`` already is param i's momentum view."""
+        return buf is self.momentum_views[i]
 
     def _split_cohorts(self, mask: list[bool]) -> None:
         """A cohort whose params were partly stepped splits: the stepped ones' flags changed."""
@@ -321,11 +339,90 @@ class FlatBucket:
         for i, p in enumerate(self.params):
             if has[i]:
                 buf = state[p]["momentum_buffer"]
-                if buf is not self.momentum_views[i]:
-                    self.momentum_views[i].copy_(buf)
-                    state[p]["momentum_buffer"] = self.momentum_views[i]
+                if not self._holds(buf, i):
+                    self.momentum_views[i].copy_(local(buf))
+                    state[p]["momentum_buffer"] = self._published_momentum(i)
         self.published = list(has)
         self.started_host = list(has)
         self.started.copy_(torch.tensor(has, dtype=torch.bool))
         self.cohort = [1 if h else 0 for h in has]
         self._next_cohort = 2
+
+
+class ShardedFlatBucket(FlatBucket):
+    """FSDP2 (params that are sharded DTensors, see samfast/fsdp.py): the flat buffers of this
+    rank's local shards.
+
+    FSDP2 keeps each param's shard in its own padded allocation and all-gathers from it, so
+    the shards cannot become views of a buffer samfast owns (that would take FSDP2's private
+    ``FSDPParam._sharded_param_data``). The ``param`` buffer is therefore a mirror: the step
+    copies the shards in before it reads the weights (:meth:`gather`, one
+    ``torch._foreach_copy_``) and back out after every write (:meth:`scatter`: after the
+    ascent, so that the second forward all-gathers w + e, and after the update), and the
+    reduce-scattered gradients are copied in from ``p.grad``'s local shard. Against the
+    unsharded fused step that is three more copies of the shard (one read and one write of
+    P / world each) and the mirror (one more P / world of memory); the ops themselves are the
+    same few launches over one buffer. The shards stay the truth between steps: a weight
+    written outside the optimizer (a model ``load_state_dict``, EMA) is gathered at the next
+    step. Momentum lives in the flat buffer; ``optimizer.state`` holds DTensors sharded like
+    the params whose local tensors are its views (``torch.distributed.checkpoint`` and
+    ``samfast.fsdp.full_optimizer_state`` see exactly what torch's SGD would keep).
+    """
+
+    def __init__(self, params: list[Tensor], group_index: int) -> None:
+        super().__init__(params, group_index, layout=[local(p.detach()) for p in params])
+
+    def _adopt_param(self, i: int) -> None:
+        pass  # FSDP2 owns the shards' storage: see the class docstring
+
+    @torch.no_grad()
+    def _adopt_params(self) -> None:
+        pass
+
+    def _shards(self) -> list[Tensor]:
+        # fetched each time: FSDP2 may replace a param's local tensor (reset_sharded_param)
+        return [local(p.detach()) for p in self.params]
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """The weights of the local shards into the ``param`` buffer."""
+        torch._foreach_copy_(self.param_views, self._shards())
+
+    @torch.no_grad()
+    def scatter(self) -> None:
+        """The ``param`` buffer back into the local shards (which the next forward gathers)."""
+        torch._foreach_copy_(self._shards(), self.param_views)
+
+    def adopt_grad(self, i: int) -> None:
+        pass  # FSDP2 assigns its reduce-scattered gradient; active_mask copies it in
+
+    @torch.no_grad()
+    def active_mask(self) -> list[bool]:
+        mask = [p.grad is not None for p in self.params]
+        pairs = [(view, local(p.grad)) for view, p, m in zip(self.grad_views, self.params, mask)
+                 if m]
+        if pairs:
+            torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
+        return mask
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.requires_grad_(False)
+                p.grad.zero_()
+
+    def _published_momentum(self, i: int) -> Tensor:
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[i]
+        return DTensor.from_local(self.momentum_views[i], p.device_mesh, p.placements,
+                                  run_check=False, shape=p.shape, stride=p.stride())
+
+    def _holds(self, buf: Tensor, i: int) -> bool:
+        view, mine = self.momentum_views[i], local(buf)
+        return mine is view or (mine.numel() > 0 and mine.data_ptr() == view.data_ptr())

@@ -14,9 +14,13 @@ reduce-scattered, i.e. already averaged over the ranks). One SAM step then is:
   sum propagates it), and the non-finite check of a gradient is all-reduced (MAX) before the
   base step, since one rank's shard may hold the only bad entry.
 
-Only the reference backend runs this: the fused backends keep the params in flat buffers they
-own, and FSDP2 all-gathers from its own (padded) shard buffers. ``backend="auto"`` falls back
-to the reference with a warning; an explicit fused backend is refused.
+Every backend runs this. The reference works on the local shards with foreach ops; a fused
+backend runs its kernels on flat mirrors of the local shards and their gradients
+(``samfast.flat.ShardedFlatBucket``): FSDP2 keeps each param's shard in its own padded
+allocation and all-gathers from it, so the shards cannot be views of a buffer samfast owns
+without FSDP2's private state; the mirror costs three copies of the shard per step and two
+more shard-sized buffers (bench/results/fsdp_memory-*: 2.3x faster than the reference on the
+optimizer's side on the CPU, at twice its per-rank state).
 
 Checkpoints: :func:`save` and :func:`load` write and read the standard sharded checkpoint of
 ``torch.distributed.checkpoint`` (each rank its shards of the weights and optimizer state);

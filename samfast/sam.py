@@ -174,7 +174,7 @@ class SAM(torch.optim.Optimizer):
 
         params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in params} or {torch.device("cpu")}
-        # FSDP2 (DTensor params): the reference backend over the local shards (samfast/fsdp.py)
+        # FSDP2 (DTensor params): every backend on the local shards (samfast/fsdp.py)
         self._sharding = _fsdp.sharding_of(params)
         self._backend = resolve_backend(backend, devices, {p.dtype for p in params} or
                                         {torch.float32}, sharded=self._sharding is not None)

@@ -92,30 +92,15 @@ def _auto(devices: set[torch.device], dtypes) -> str:
     return "reference"
 
 
-# Why FSDP2 params get the reference backend (samfast/fsdp.py), and whether "auto" said so.
-_SHARDED_REASON = ("the fused backends keep the params in flat buffers they own, and FSDP2 "
-                   "all-gathers each param from its own (padded) shard buffer")
-_WARNED_SHARDED = False
-
-
 def resolve_backend(name: str, devices: set[torch.device], dtypes=(torch.float32,),
                     sharded: bool = False):
     """A new instance of the backend ``name`` for params on ``devices`` with ``dtypes``.
     ``"auto"`` checks a fused backend on each device once per process before choosing it;
-    an explicit name is used as asked. ``sharded`` params (FSDP2's DTensors) run on the
-    reference backend only: ``"auto"`` says so once per process, a fused name is refused."""
-    global _WARNED_SHARDED
+    an explicit name is used as asked. ``sharded`` params (FSDP2's DTensors) run on every
+    backend: the reference on the local shards, a fused one on flat mirrors of them
+    (samfast.flat.ShardedFlatBucket)."""
     if not isinstance(name, str):
         raise TypeError(f"Invalid backend: must be a string, got {type(name).__name__}")
-    if sharded and name == "auto":
-        if not _WARNED_SHARDED:
-            _WARNED_SHARDED = True
-            warnings.warn("samfast: backend='auto' uses 'reference' for FSDP2 (DTensor) params: "
-                          f"{_SHARDED_REASON}.", RuntimeWarning, stacklevel=3)
-        name = "reference"
-    if sharded and name in ("native", "triton"):
-        raise ValueError(f"Invalid backend: {name!r} does not support FSDP2 (DTensor) params: "
-                         f"{_SHARDED_REASON}; use backend='reference' (or 'auto')")
     if name == "auto":
         name = _auto(devices, set(dtypes))
     for dev in devices:

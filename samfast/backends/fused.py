@@ -30,7 +30,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from ..flat import FlatBucket
+from ..flat import FlatBucket, ShardedFlatBucket
 from .reference import ascent_scale, compute_dtype
 
 
@@ -52,6 +52,7 @@ class FusedBackend:
         # LookSAM: ||g_v||^2 and whether g_v is valid, 0-d tensors on the first bucket's device
         self._gv_sq: Tensor | None = None
         self._gv_valid: Tensor | None = None
+        self._sharding = None  # FSDP2: samfast.fsdp.Sharding (set by bind)
 
     @property
     def _optimizer(self):
@@ -63,6 +64,7 @@ class FusedBackend:
 
     def bind(self, optimizer) -> None:
         self._optimizer_ref = weakref.ref(optimizer)
+        self._sharding = optimizer._sharding
         for index in range(len(optimizer.param_groups)):
             self.add_group(index)
 
@@ -72,7 +74,8 @@ class FusedBackend:
         for p in group["params"]:
             by_key.setdefault((p.device, p.dtype), []).append(p)
         for params in by_key.values():
-            bucket = FlatBucket(params, index)
+            bucket = (FlatBucket(params, index) if self._sharding is None
+                      else ShardedFlatBucket(params, index))
             self.buckets.append(bucket)
             for i, p in enumerate(params):
                 self._index[p] = (bucket, i)
@@ -116,10 +119,38 @@ class FusedBackend:
             t = self._flags[key] = torch.full((), value, dtype=torch.bool, device=device)
         return t
 
+    # -- FSDP2: the local shards' mirror and the sums over the ranks ------------------------
+
+    def _gather(self) -> None:
+        """FSDP2: the shards' weights into the flat buffers, before a step reads them."""
+        if self._sharding is not None:
+            for bucket in self.buckets:
+                bucket.gather()
+
+    def _scatter(self) -> None:
+        """FSDP2: the flat buffers' weights back into the shards, after the step wrote them."""
+        if self._sharding is not None:
+            for bucket in self.buckets:
+                bucket.scatter()
+
+    def _sum_over_ranks(self, partial: Tensor) -> Tensor:
+        """FSDP2: a sum over this rank's shards made the sum over every rank's (in place)."""
+        if self._sharding is not None:
+            self._sharding.sum_(partial)
+        return partial
+
+    def _sum_of(self, terms: list[Tensor], dtype: torch.dtype, device) -> Tensor:
+        """The sum of 0-d ``terms`` (zero when there are none: a rank whose shards are empty),
+        over every rank under FSDP2."""
+        total = (torch.stack([t.to(device, dtype) for t in terms]).sum() if terms
+                 else torch.zeros((), dtype=dtype, device=device))
+        return self._sum_over_ranks(total)
+
     # -- the step -----------------------------------------------------------------------------
 
     def first_step(self, groups: list[dict], agree_skip=None,
                    store_grad: bool = False) -> bool | Tensor:
+        self._gather()
         masks = [b.active_mask() for b in self.buckets]
         if not any(any(m) for m in masks):
             raise RuntimeError(
@@ -133,7 +164,7 @@ class FusedBackend:
             for s, e in bucket.runs(mask):
                 terms.append(self.ops.sq_norm(bucket.grad[s:e], bucket.param[s:e],
                                               group["adaptive"], float(group["eta"])))
-        norm = torch.stack([t.to(device, acc) for t in terms]).sum().sqrt()
+        norm = self._sum_of(terms, acc, device).sqrt()
         skip = ~torch.isfinite(norm)
         if agree_skip is not None:
             agree_skip(skip)
@@ -148,6 +179,7 @@ class FusedBackend:
             # that the restore is right whichever params get a gradient in the second pass.
             for s, e in bucket.inactive_runs(mask):
                 bucket.backup[s:e].copy_(bucket.param[s:e])
+        self._scatter()  # FSDP2: the second forward all-gathers w + e
         if store_grad:
             self._store_grad(masks)
         self._skip = skip
@@ -158,14 +190,17 @@ class FusedBackend:
         wrote the backup of every element)."""
         for bucket in self.buckets:
             bucket.param.copy_(bucket.backup)
+        self._scatter()
         self._skip = None
 
     def _nonfinite_flag(self, masks: list[list[bool]], device: torch.device) -> Tensor:
         counts = [self.ops.nonfinite(b.grad[s:e]).to(device)
                   for b, m in zip(self.buckets, masks) for s, e in b.runs(m)]
-        if not counts:
-            return torch.zeros((), dtype=torch.bool, device=device)
-        return torch.stack(counts).sum() > 0
+        flag = (torch.stack(counts).sum() > 0 if counts
+                else torch.zeros((), dtype=torch.bool, device=device))
+        if self._sharding is not None:  # one rank's shard may hold the only bad entry
+            self._sharding.any_(flag)
+        return flag
 
     def _lr_tensor(self, lr, device: torch.device) -> Tensor:
         """``lr`` as the float64 0-d tensor on ``device`` that the kernels read there. A tensor
@@ -205,6 +240,7 @@ class FusedBackend:
                     bucket.param[s:e].copy_(bucket.backup[s:e])
             if momentum != 0 and any(mask):
                 bucket.momentum_stepped(mask, _host_flag(bskip), state)
+        self._scatter()
 
     def second_step(self, groups: list[dict], base_step,
                     project: bool = False) -> bool | Tensor:
@@ -216,9 +252,10 @@ class FusedBackend:
             self._project(masks, skip)
         if self._sgd_fast_path:
             self._sgd_update(groups, masks, skip, restore=True)
-        else:
+        else:  # the base optimizer steps the params (under FSDP2 the shards: scattered first)
             for bucket in self.buckets:
                 bucket.param.copy_(bucket.backup)
+            self._scatter()
             self._base_step(base_step, skip)
         return _host_flag(skip)
 
@@ -253,6 +290,8 @@ class FusedBackend:
         masks = [b.active_mask() for b in self.buckets]
         if not any(any(m) for m in masks):
             return False
+        if self._sgd_fast_path:
+            self._gather()  # FSDP2: the fused update reads the weights from the flat buffer
         device = next(b.device for b, m in zip(self.buckets, masks) if any(m))
         skip = self._nonfinite_flag(masks, device)
         if reuse is not None:
@@ -351,8 +390,8 @@ class FusedBackend:
             raise RuntimeError("SAM: no parameter has a gradient; call loss.backward() first")
         device = active[0][0].device
         acc = torch.float64 if any(b.dtype == torch.float64 for b, _ in active) else torch.float32
-        return torch.stack([self.ops.sq_norm(b.grad[s:e], b.grad[s:e], False, 0.0).to(device, acc)
-                            for b, m in active for s, e in b.runs(m)]).sum()
+        return self._sum_of([self.ops.sq_norm(b.grad[s:e], b.grad[s:e], False, 0.0)
+                             for b, m in active for s, e in b.runs(m)], acc, device)
 
     def looksam_state(self, params: list[Tensor]) -> dict:
         """g_v per param (views of the flat buffer; None where none is allocated), ||g_v||^2

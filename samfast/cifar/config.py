@@ -451,8 +451,6 @@ def validate(cfg: RunConfig) -> None:
                  "replica: use --ddp-ascent global"),
                 ("amp", cfg.amp == "fp16", "fp16 loss scaling would need the ranks to agree on "
                  "overflows: use --amp bf16"),
-                ("backend", cfg.backend in ("native", "triton"), "the fused backends' flat "
-                 "buffers cannot hold FSDP2's shards: use --backend reference or auto"),
                 ("sam_policy", cfg.sam_policy == "looksam", "LookSAM's projection is not "
                  "sharded yet"),
                 ("compile", cfg.compile, "not tested with FSDP2 yet"),
