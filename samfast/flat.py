@@ -381,7 +381,14 @@ class ShardedFlatBucket(FlatBucket):
 
     def _shards(self) -> list[Tensor]:
         # fetched each time: FSDP2 may replace a param's local tensor (reset_sharded_param)
-        return [local(p.detach()) for p in self.params]
+        shards = [local(p.detach()) for p in self.params]
+        for shard in shards:
+            if shard.device != self.device or shard.dtype != self.dtype:
+                raise RuntimeError(
+                    f"a parameter moved to {shard.device}/{shard.dtype} after the optimizer "
+                    f"was built on {self.device}/{self.dtype}; build the optimizer after "
+                    "model.to(...)")
+        return shards
 
     @torch.no_grad()
     def gather(self) -> None:
@@ -412,8 +419,11 @@ class ShardedFlatBucket(FlatBucket):
                 continue
             if set_to_none:
                 p.grad = None
-            else:
-                p.grad.requires_grad_(False)
+            else:  # as torch.optim.Optimizer.zero_grad
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
                 p.grad.zero_()
 
     def _published_momentum(self, i: int) -> Tensor:

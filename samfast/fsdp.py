@@ -20,7 +20,8 @@ backend runs its kernels on flat mirrors of the local shards and their gradients
 allocation and all-gathers from it, so the shards cannot be views of a buffer samfast owns
 without FSDP2's private state; the mirror costs three copies of the shard per step and two
 more shard-sized buffers (bench/results/fsdp_memory-*: 2.3x faster than the reference on the
-optimizer's side on the CPU, at twice its per-rank state).
+optimizer's side on the CPU, at twice its per-rank state), so ``backend="auto"`` picks the
+reference for FSDP2 params (warning once) and the fused ones are opt-in.
 
 Checkpoints: :func:`save` and :func:`load` write and read the standard sharded checkpoint of
 ``torch.distributed.checkpoint`` (each rank its shards of the weights and optimizer state);

@@ -116,7 +116,7 @@ def fsdp_loop(model, blocks, loader, epochs, checkpoint_dir):
     for block in blocks:  # after init_process_group (torchrun): shard each block, then the root
         fully_shard(block)
     fully_shard(model)
-    opt = samfast.SAM(model.parameters(), lr=0.05, momentum=0.9)
+    opt = samfast.SAM(model.parameters(), lr=0.05, momentum=0.9, backend="reference")
     for epoch in range(epochs):
         for x, y in loader:  # this rank's shard of each batch
             sam_step(model, opt, lambda: F.cross_entropy(model(x), y))
@@ -133,7 +133,7 @@ def fsdp_resume(model, blocks, checkpoint):
     for block in blocks:  # a new run: shard the model and build the SAM as before, then load
         fully_shard(block)
     fully_shard(model)
-    opt = samfast.SAM(model.parameters(), lr=0.05, momentum=0.9)
+    opt = samfast.SAM(model.parameters(), lr=0.05, momentum=0.9, backend="reference")
     samfast.fsdp.load(model, opt, checkpoint)  # e.g. f"{checkpoint_dir}/epoch{epoch}"
     # end snippet
     return opt

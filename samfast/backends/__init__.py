@@ -92,15 +92,34 @@ def _auto(devices: set[torch.device], dtypes) -> str:
     return "reference"
 
 
+# FSDP2: what "auto" picks and why. Sharding is for models that do not fit, so memory comes
+# first: the fused backends' flat mirrors of the local shards and gradients are two more
+# shard-sized buffers per rank (bench/results/fsdp_memory-*: 2.060 against 1.029 MiB per rank
+# for ResNet-20 on 2 ranks), for an optimizer side 2.3x faster there on the CPU.
+_SHARDED_REASON = ("the fused backends run on FSDP2 too, but keep flat mirrors of the local "
+                   "shards and their gradients (two more shard-sized buffers per rank); pass "
+                   "backend='native' (or 'triton') for their faster optimizer step at that "
+                   "memory, or backend='reference' to silence this")
+_WARNED_SHARDED = False
+
+
 def resolve_backend(name: str, devices: set[torch.device], dtypes=(torch.float32,),
                     sharded: bool = False):
     """A new instance of the backend ``name`` for params on ``devices`` with ``dtypes``.
     ``"auto"`` checks a fused backend on each device once per process before choosing it;
     an explicit name is used as asked. ``sharded`` params (FSDP2's DTensors) run on every
-    backend: the reference on the local shards, a fused one on flat mirrors of them
-    (samfast.flat.ShardedFlatBucket)."""
+    backend (the reference on the local shards, a fused one on flat mirrors of them:
+    samfast.flat.ShardedFlatBucket); ``"auto"`` picks the reference for them, saying why once
+    per process."""
+    global _WARNED_SHARDED
     if not isinstance(name, str):
         raise TypeError(f"Invalid backend: must be a string, got {type(name).__name__}")
+    if sharded and name == "auto":
+        if not _WARNED_SHARDED:
+            _WARNED_SHARDED = True
+            warnings.warn(f"samfast: backend='auto' uses 'reference' for FSDP2 (DTensor) params: "
+                          f"{_SHARDED_REASON}.", RuntimeWarning, stacklevel=3)
+        name = "reference"
     if name == "auto":
         name = _auto(devices, set(dtypes))
     for dev in devices:
