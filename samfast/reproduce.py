@@ -603,8 +603,8 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
 
     def cell(values, digits=2):
         return _mean_ci(values, digits).replace(f" (n={seeds})", "")
-    rows = ["| run | budget | SAM steps % | extra passes % | cost x SGD | test error % | "
-            "vs SGD (paired) | λ1 (sharpness) |", "|---" * 8 + "|"]
+    rows = ["| run | budget | SAM steps % | extra passes % | cost x SGD | train acc % | "
+            "test error % | vs SGD (paired) | λ1 (sharpness) |", "|---" * 9 + "|"]
     budgets = _efficient_budgets(runs, scale)
     for name, rs in res.items():
         mark = "†" if any(r["estimated"] for r in rs) else ""
@@ -617,7 +617,8 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
         diff = "—" if name == "SGD" else cell([r["error"] - s["error"] for r, s in zip(rs, sgd)])
         rows.append("| " + " | ".join([
             name + mark, budgets.get(name, "—"), cell([100 * r["sam_fraction"] for r in rs], 1),
-            cell(extra, 1), ratio, cell([r["error"] for r in rs]), diff,
+            cell(extra, 1), ratio, cell([r["train_acc"] for r in rs], 1),
+            cell([r["error"] for r in rs]), diff,
             cell([r["top1"] for r in rs], 1)]) + " |")
     text = "\n".join([
         f"Test error on {sgd[0]['test_images']:,} test images after {sgd[0]['epochs']} epochs; "
@@ -626,7 +627,9 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
         "'extra passes' are what it spent. Cost: SGD-step equivalents (passes + measured "
         "optimizer time; samfast/cifar/train.py epoch_cost) over the same seed's SGD run's. "
         "'vs SGD' is the paired difference in test error (same seed: same initialization and "
-        "data order). λ1: top Hessian eigenvalue of the training loss at the end. Budget: the "
+        "data order). λ1: top Hessian eigenvalue of the training loss at the end, comparable "
+        "between runs that end at the same training loss (train acc: the last epoch's, on the "
+        "fly; a run that did not fit the training set sits elsewhere). Budget: the "
         "target each policy was set to (AE-SAM's threshold assumes a normal ||g||^2; 'SAM "
         "steps' is what it spent). †: some epochs of this run were trained before costs were "
         "measured and count their passes only; its cost ratio (and every run's, when SGD's is "
