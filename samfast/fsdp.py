@@ -19,7 +19,7 @@ backend runs its kernels on flat mirrors of the local shards and their gradients
 (``samfast.flat.ShardedFlatBucket``): FSDP2 keeps each param's shard in its own padded
 allocation and all-gathers from it, so the shards cannot be views of a buffer samfast owns
 without FSDP2's private state; the mirror costs three copies of the shard per step and two
-more shard-sized buffers (bench/results/fsdp_memory-*: 2.3x faster than the reference on the
+more shard-sized buffers (bench/results/fsdp_memory-*: 1.8x faster than the reference on the
 optimizer's side on the CPU, at twice its per-rank state), so ``backend="auto"`` picks the
 reference for FSDP2 params (warning once) and the fused ones are opt-in.
 

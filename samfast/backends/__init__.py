@@ -95,7 +95,7 @@ def _auto(devices: set[torch.device], dtypes) -> str:
 # FSDP2: what "auto" picks and why. Sharding is for models that do not fit, so memory comes
 # first: the fused backends' flat mirrors of the local shards and gradients are two more
 # shard-sized buffers per rank (bench/results/fsdp_memory-*: 2.060 against 1.029 MiB per rank
-# for ResNet-20 on 2 ranks), for an optimizer side 2.3x faster there on the CPU.
+# for ResNet-20 on 2 ranks), for an optimizer side 1.8x faster there on the CPU.
 _SHARDED_REASON = ("the fused backends run on FSDP2 too, but keep flat mirrors of the local "
                    "shards and their gradients (two more shard-sized buffers per rank); pass "
                    "backend='native' (or 'triton') for their faster optimizer step at that "
