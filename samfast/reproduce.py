@@ -141,7 +141,7 @@ ALL_EXPERIMENTS = EXPERIMENTS + (EFFICIENT,)
 # assumes; what each run spent is measured and reported). The smoke scale runs one budget
 # (its test trains every run).
 BUDGETS = {"full": (0.10, 0.25), "small": (0.10, 0.25), "smoke": (0.25,)}
-# LookSAM's alpha in this experiment: 0.2, not the paper's 0.7 (tuned for ViTs under LAMB).
+# LookSAM's alpha in this experiment: 0.2, not 0.7 (the public implementations' default).
 # The reuse term adds alpha ||g|| along g_v whatever ||g_v|| was; in this regime SAM's own
 # orthogonal part is ||g_v|| / ||g|| = 0.11 (median over the full steps of the first 6
 # epochs, range 0.06-0.23), so 0.7 pushes ~6x harder than SAM does, and with SGD (lr 0.1,
@@ -201,6 +201,9 @@ def settings_record(scale: str, data_dir: str | None,
         record["budgets"] = {"value": list(BUDGETS[scale]), "source": "issue #17: 10% and 25% "
                              "extra passes over SGD (see reproduce.BUDGETS for each policy's "
                              "setting; one budget at smoke scale)"}
+        record["looksam_alpha"] = {"value": LOOKSAM_ALPHA, "source": "choice: at 0.7 LookSAM "
+                                   "did not train under SGD here (bench/results/looksam_alpha-*; "
+                                   "reproduce.LOOKSAM_ALPHA)"}
         record["regime"] = {"value": "generalization", "source": "issue #17: the "
                             "generalization experiment's settings (reproduce.GENERALIZATION)"}
     return record
@@ -664,10 +667,16 @@ def efficient_family(name: str) -> str:
                 if name == f or name.startswith(f))
 
 
+# train accuracy (%) from which a run counts as having fitted the training set (the figure)
+FITTED = 99.0
+
+
 def _plot_efficient(root: Path, res: dict) -> None:
     """Test error and sharpness against forward + backward passes (x the same seed's SGD
     run; exact for every run, while optimizer time is measured only in runs trained since
-    cost accounting), mean and 95% interval per run, one marker per family of runs."""
+    cost accounting), mean and 95% interval per run, one marker per family of runs; hollow
+    where a run did not fit the training set (mean train accuracy below FITTED): its λ1 is
+    measured at a higher training loss than the others'."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -681,12 +690,14 @@ def _plot_efficient(root: Path, res: dict) -> None:
             title, color, marker = EFFICIENT_FAMILIES[efficient_family(name)]
             x = mean_ci([r["passes"] / s["passes"] for r, s in zip(rs, sgd)])
             y = mean_ci([r[key] for r in rs])
+            fitted = statistics.mean(r["train_acc"] for r in rs) >= FITTED
             ax.errorbar(x[0], y[0], xerr=None if math.isnan(x[1]) else x[1],
                         yerr=None if math.isnan(y[1]) else y[1], marker=marker, color=color,
-                        capsize=3, ls="none", label=None if title in labelled else title)
+                        markerfacecolor=color if fitted else "none", capsize=3, ls="none",
+                        label=None if title in labelled else title)
             labelled.add(title)
-            ax.annotate(name, (x[0], y[0]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(name if fitted else f"{name} (not fitted)", (x[0], y[0]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="forward + backward passes (x SGD)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
