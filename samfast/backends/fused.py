@@ -20,6 +20,13 @@ one more P, and per full step: copy g into it (2 P), ``looksam_dots`` (read g, g
 ``looksam_project_`` (read g_v, g_s; write g_v: 3 P): 18 P. A reuse step: ||g|| (1 P),
 ``looksam_reuse_`` (read g, g_v; write g: 3 P), then the base step (6 P with SGD momentum):
 10 P. ||g_v||^2 and whether g_v is valid stay on the device, so neither step syncs.
+
+FSDP2 (samfast/fsdp.py): the buckets are flat mirrors of the local shards
+(``samfast.flat.ShardedFlatBucket``): the weights are gathered into them before a step reads
+them and scattered back after the ascent and after the update (3 more copies of the shard,
+one read and one write each), the gradients are copied in; sums of squares, dot products and
+non-finite flags are all-reduced over the mesh, unconditionally on every rank (a rank whose
+shards are empty contributes zeros), so that every rank takes the same decisions.
 """
 
 from __future__ import annotations
