@@ -24,9 +24,10 @@ one more P, and per full step: copy g into it (2 P), ``looksam_dots`` (read g, g
 FSDP2 (samfast/fsdp.py): the buckets are flat mirrors of the local shards
 (``samfast.flat.ShardedFlatBucket``): the weights are gathered into them before a step reads
 them and scattered back after the ascent and after the update (3 more copies of the shard,
-one read and one write each), the gradients are copied in; sums of squares, dot products and
-non-finite flags are all-reduced over the mesh, unconditionally on every rank (a rank whose
-shards are empty contributes zeros), so that every rank takes the same decisions.
+one read and one write each), the gradients are copied in; the sums of squares (N, AE-SAM's
+||g||^2) and the non-finite flags are all-reduced over the mesh, unconditionally on every
+rank (a rank whose shards are empty contributes zeros), so that every rank takes the same
+decisions. (LookSAM is refused under FSDP2: its dot products are not sharded.)
 """
 
 from __future__ import annotations
