@@ -60,6 +60,18 @@ def _model(name: str):
     return build_model(name)
 
 
+def _sharded_model(name: str):
+    """The model with each residual block its own FSDP2 unit, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(name)
+    for module in model.modules():
+        if type(module).__name__ == "_BasicBlock":
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 def measure(model, rank: int, world: int, backend: str) -> dict:
     """A few SAM steps; the bytes of this rank's params, momentum, backups and flat mirrors."""
     opt = samfast.SAM(model.parameters(), backend=backend, lr=0.05, momentum=0.9)
@@ -95,15 +107,9 @@ def time_steps(name: str, rank: int, world: int, backends: list[str], steps: int
     the backends interleaved step by step on identical sharded models."""
     import time
 
-    from torch.distributed.fsdp import fully_shard
-
     runs = []
     for backend in backends:
-        model = _model(name)
-        for module in model.modules():
-            if type(module).__name__ == "_BasicBlock":
-                fully_shard(module)
-        fully_shard(model)
+        model = _sharded_model(name)
         runs.append((backend, model, samfast.SAM(model.parameters(), backend=backend, lr=0.05,
                                                  momentum=0.9)))
     seconds: dict[str, list[float]] = {b: [] for b in backends}
@@ -136,19 +142,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, name: str, backend, out: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        model = _model(name)
-        for module in model.modules():  # each residual block its own FSDP unit, then the root
-            if type(module).__name__ == "_BasicBlock":
-                fully_shard(module)
-        fully_shard(model)
         counts = (time_steps(name, rank, world, backend, TIMED_STEPS)
-                  if isinstance(backend, list) else measure(model, rank, world, backend))
+                  if isinstance(backend, list)
+                  else measure(_sharded_model(name), rank, world, backend))
         gathered = [None] * world
         dist.all_gather_object(gathered, counts)
         if rank == 0:

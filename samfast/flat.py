@@ -66,6 +66,15 @@ def _view_like(buf: Tensor, offset: int, p: Tensor) -> Tensor:
     return buf.as_strided(p.shape, p.stride(), offset)
 
 
+def _zero_grad_(g: Tensor) -> None:
+    """Zero a gradient in place, as ``torch.optim.Optimizer.zero_grad(set_to_none=False)``."""
+    if g.grad_fn is not None:
+        g.detach_()
+    else:
+        g.requires_grad_(False)
+    g.zero_()
+
+
 def _is_dense(p: Tensor) -> bool:
     dims = sorted((s, n) for s, n in zip(p.stride(), p.shape) if n > 1)
     expected = 1
@@ -126,12 +135,16 @@ class FlatBucket:
                 self.grad_views[i].copy_(p.grad)
                 p.grad = self.grad_views[i]
 
+    def _check_placement(self, t: Tensor) -> None:
+        """``t`` (a param, or under FSDP2 its local shard) is where the buffers are."""
+        if t.device != self.device or t.dtype != self.dtype:
+            raise RuntimeError(
+                f"a parameter moved to {t.device}/{t.dtype} after the optimizer was built on "
+                f"{self.device}/{self.dtype}; build the optimizer after model.to(...)")
+
     def _adopt_param(self, i: int) -> None:
         p = self.params[i]
-        if p.device != self.device or p.dtype != self.dtype:
-            raise RuntimeError(
-                f"a parameter moved to {p.device}/{p.dtype} after the optimizer was built on "
-                f"{self.device}/{self.dtype}; build the optimizer after model.to(...)")
+        self._check_placement(p)
         view = self.param_views[i]
         if p.data_ptr() != view.data_ptr():
             view.copy_(p.detach())
@@ -195,11 +208,7 @@ class FlatBucket:
             if g is view:
                 any_view = True
                 continue
-            if g.grad_fn is not None:
-                g.detach_()
-            else:
-                g.requires_grad_(False)
-            g.zero_()
+            _zero_grad_(g)
         if any_view:
             self.grad.zero_()
 
@@ -372,22 +381,15 @@ class ShardedFlatBucket(FlatBucket):
     def __init__(self, params: list[Tensor], group_index: int) -> None:
         super().__init__(params, group_index, layout=[local(p.detach()) for p in params])
 
-    def _adopt_param(self, i: int) -> None:
-        pass  # FSDP2 owns the shards' storage: see the class docstring
-
     @torch.no_grad()
     def _adopt_params(self) -> None:
-        pass
+        pass  # FSDP2 owns the shards' storage: see the class docstring
 
     def _shards(self) -> list[Tensor]:
         # fetched each time: FSDP2 may replace a param's local tensor (reset_sharded_param)
         shards = [local(p.detach()) for p in self.params]
         for shard in shards:
-            if shard.device != self.device or shard.dtype != self.dtype:
-                raise RuntimeError(
-                    f"a parameter moved to {shard.device}/{shard.dtype} after the optimizer "
-                    f"was built on {self.device}/{self.dtype}; build the optimizer after "
-                    "model.to(...)")
+            self._check_placement(shard)
         return shards
 
     @torch.no_grad()
@@ -419,12 +421,8 @@ class ShardedFlatBucket(FlatBucket):
                 continue
             if set_to_none:
                 p.grad = None
-            else:  # as torch.optim.Optimizer.zero_grad
-                if p.grad.grad_fn is not None:
-                    p.grad.detach_()
-                else:
-                    p.grad.requires_grad_(False)
-                p.grad.zero_()
+            else:
+                _zero_grad_(p.grad)
 
     def _published_momentum(self, i: int) -> Tensor:
         from torch.distributed.tensor import DTensor

@@ -141,18 +141,14 @@ class FusedBackend:
             for bucket in self.buckets:
                 bucket.scatter()
 
-    def _sum_over_ranks(self, partial: Tensor) -> Tensor:
-        """FSDP2: a sum over this rank's shards made the sum over every rank's (in place)."""
-        if self._sharding is not None:
-            self._sharding.sum_(partial)
-        return partial
-
     def _sum_of(self, terms: list[Tensor], dtype: torch.dtype, device) -> Tensor:
         """The sum of 0-d ``terms`` (zero when there are none: a rank whose shards are empty),
-        over every rank under FSDP2."""
+        over every rank under FSDP2 (one all-reduce of the partial sums)."""
         total = (torch.stack([t.to(device, dtype) for t in terms]).sum() if terms
                  else torch.zeros((), dtype=dtype, device=device))
-        return self._sum_over_ranks(total)
+        if self._sharding is not None:
+            self._sharding.sum_(total)
+        return total
 
     # -- the step -----------------------------------------------------------------------------
 
