@@ -607,7 +607,8 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
     def cell(values, digits=2):
         return _mean_ci(values, digits).replace(f" (n={seeds})", "")
     rows = ["| run | budget | SAM steps % | extra passes % | cost x SGD | train acc % | "
-            "test error % | vs SGD (paired) | λ1 (sharpness) |", "|---" * 9 + "|"]
+            "test error % | vs SGD (paired) | λ1 (sharpness) | λ1 vs SGD (paired) | "
+            "λ1 drop per 10% extra passes |", "|---" * 11 + "|"]
     budgets = _efficient_budgets(runs, scale)
     for name, rs in res.items():
         mark = "†" if any(r["estimated"] for r in rs) else ""
@@ -618,26 +619,37 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
         ratio = (cell([r["cost"] / s["cost"] for r, s in zip(rs, sgd)], 3) if measured
                  else "—")
         diff = "—" if name == "SGD" else cell([r["error"] - s["error"] for r, s in zip(rs, sgd)])
+        # flatness bought per extra pass, paired by seed: (SGD's λ1 - the run's) for each
+        # 10% of passes the run spent over its seed's SGD run
+        flat = flat_per = "—"
+        if name != "SGD":
+            flat = cell([r["top1"] - s["top1"] for r, s in zip(rs, sgd)], 1)
+            flat_per = cell([(s["top1"] - r["top1"]) / (e / 10) if e > 0 else math.nan
+                             for r, s, e in zip(rs, sgd, extra)], 1)
+        sharp = [cell([r["top1"] for r in rs], 1), flat, flat_per]
+        if statistics.mean(r["train_acc"] for r in rs) < FITTED:  # λ1 at another loss
+            sharp = [c if c == "—" else f"({c})" for c in sharp]
         rows.append("| " + " | ".join([
             name + mark, budgets.get(name, "—"), cell([100 * r["sam_fraction"] for r in rs], 1),
             cell(extra, 1), ratio, cell([r["train_acc"] for r in rs], 1),
-            cell([r["error"] for r in rs]), diff,
-            cell([r["top1"] for r in rs], 1)]) + " |")
+            cell([r["error"] for r in rs]), diff, *sharp]) + " |")
     text = "\n".join([
         f"Test error on {sgd[0]['test_images']:,} test images after {sgd[0]['epochs']} epochs; "
         f"each cell: mean ± half-width of the 95% t-interval over {seeds} seeds. Budget: the "
-        "extra forward + backward passes over SGD the run was set to spend; 'SAM steps' and "
-        "'extra passes' are what it spent. Cost: SGD-step equivalents (passes + measured "
-        "optimizer time; samfast/cifar/train.py epoch_cost) over the same seed's SGD run's. "
-        "'vs SGD' is the paired difference in test error (same seed: same initialization and "
-        "data order). λ1: top Hessian eigenvalue of the training loss at the end, comparable "
-        "between runs that end at the same training loss (train acc: the last epoch's, on the "
-        "fly; a run that did not fit the training set sits elsewhere). Budget: the "
-        "target each policy was set to (AE-SAM's threshold assumes a normal ||g||^2; 'SAM "
-        "steps' is what it spent). †: some epochs of this run were trained before costs were "
-        "measured and count their passes only; its cost ratio (and every run's, when SGD's is "
-        "such a run) is then not given, and the figure's x axis is passes, exact for every "
-        "run.", "", *rows])
+        "extra forward + backward passes over SGD the run was set to spend (AE-SAM's threshold "
+        "assumes a normal ||g||^2); 'SAM steps' and 'extra passes' are what it spent. Cost: "
+        "SGD-step equivalents (passes + measured optimizer time; samfast/cifar/train.py "
+        "epoch_cost) over the same seed's SGD run's. 'vs SGD' is the paired difference in test "
+        "error (same seed: same initialization and data order). Train acc: the last epoch's, "
+        "on the fly. λ1: top Hessian eigenvalue of the training loss at the end, comparable "
+        "between runs that end at the same training loss (a run that did not fit the training "
+        f"set, mean train acc below {FITTED:g}%, sits elsewhere: its λ1 cells are in "
+        "parentheses); 'λ1 vs SGD' is its paired difference, and 'λ1 drop per 10% extra "
+        "passes' is, per seed, SGD's λ1 minus the run's for each 10% of passes the run spent "
+        "over SGD's: flatness per extra pass, larger is cheaper flatness. †: some epochs of "
+        "this run were trained before costs were measured and count their passes only; its "
+        "cost ratio (and every run's, when SGD's is such a run) is then not given, and the "
+        "figure's x axis is passes, exact for every run.", "", *rows])
     (root / "results.md").write_text(f"# efficient ({scale}, {seeds} seeds)\n\n{text}\n")
     (root / "results.json").write_text(json.dumps(res, indent=1))
     _plot_efficient(root, res)
@@ -672,7 +684,8 @@ FITTED = 99.0
 
 
 def _plot_efficient(root: Path, res: dict) -> None:
-    """Test error and sharpness against forward + backward passes (x the same seed's SGD
+    """Test error, sharpness and its paired difference from SGD (the seed-to-seed spread of
+    λ1 cancels there) against forward + backward passes (x the same seed's SGD
     run; exact for every run, while optimizer time is measured only in runs trained since
     cost accounting), mean and 95% interval per run, one marker per family of runs; hollow
     where a run did not fit the training set (mean train accuracy below FITTED): its λ1 is
@@ -682,14 +695,16 @@ def _plot_efficient(root: Path, res: dict) -> None:
     import matplotlib.pyplot as plt
 
     sgd = res["SGD"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "error", "test error (%)"),
-                           (axes[1], "top1", "top Hessian eigenvalue")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    panels = ((axes[0], "test error (%)", lambda r, s: r["error"]),
+              (axes[1], "top Hessian eigenvalue λ1", lambda r, s: r["top1"]),
+              (axes[2], "λ1 minus the same seed's SGD run's", lambda r, s: r["top1"] - s["top1"]))
+    for ax, label, value in panels:
         labelled = set()
         for name, rs in res.items():
             title, color, marker = EFFICIENT_FAMILIES[efficient_family(name)]
             x = mean_ci([r["passes"] / s["passes"] for r, s in zip(rs, sgd)])
-            y = mean_ci([r[key] for r in rs])
+            y = mean_ci([value(r, s) for r, s in zip(rs, sgd)])
             fitted = statistics.mean(r["train_acc"] for r in rs) >= FITTED
             ax.errorbar(x[0], y[0], xerr=None if math.isnan(x[1]) else x[1],
                         yerr=None if math.isnan(y[1]) else y[1], marker=marker, color=color,
@@ -703,6 +718,7 @@ def _plot_efficient(root: Path, res: dict) -> None:
         ax.legend(fontsize=7)
     axes[0].set_title("test error vs passes")
     axes[1].set_title("sharpness vs passes")
+    axes[2].set_title("sharpness vs passes, paired by seed")
     fig.tight_layout()
     fig.savefig(root / "figure.png", dpi=110)
     plt.close(fig)

@@ -757,3 +757,36 @@ def test_efficient_report_gives_no_cost_ratio_against_a_passes_only_sgd_run(tmp_
     text = reproduce.report_efficient(tmp_path, runs, 1, "smoke")
     row = next(line for line in text.splitlines() if line.startswith("| interval k=2"))
     assert [c.strip() for c in row.strip("|").split("|")][4] == "1.667"  # 7 / 4.2
+
+
+def test_efficient_report_pairs_sharpness_by_seed_and_per_extra_pass(tmp_path):
+    """λ1 vs SGD and the λ1 drop per 10% extra passes are paired by seed: with SGD's λ1 at
+    100 / 140 and the policy's at 90 / 120 on 25% / 50% extra passes, the paired differences
+    are -10 / -20 (mean -15) and the drops per 10% are 4 / 4 (mean 4, zero spread); an
+    unpaired reading (mean λ1 105 vs 120) would give neither."""
+    from samfast import reproduce
+
+    def write(name, seed, passes, top1):
+        run = tmp_path / reproduce._slug(name) / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({
+            "test_acc": 60.0 + seed, "train_acc": 100.0, "hessian_top": [top1, 1.0],
+            "sam_epochs": 1, "epochs": 1,
+            "config": {"train_subset": 400, "batch_size": 100, "test_subset": None}}))
+        (run / "metrics.jsonl").write_text(json.dumps(
+            {"epoch": 0, "phase": "sam", "steps": 4, "sam_steps": passes - 4,
+             "passes": passes, "cost_sgd_steps": float(passes)}) + "\n")
+
+    for seed, (sgd_top, run_top, run_passes) in enumerate(((100.0, 90.0, 5), (140.0, 120.0, 6))):
+        write("SGD", seed, 4, sgd_top)
+        write("interval k=2", seed, run_passes, run_top)
+    text = reproduce.report_efficient(tmp_path, {"SGD": [], "interval k=2": []}, 2, "smoke")
+    header = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
+    row = next(line for line in text.splitlines() if line.startswith("| interval k=2"))
+    cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["extra passes %"].startswith("37.5 ±"), cells
+    assert cells["λ1 vs SGD (paired)"].startswith("-15.0 ±"), cells
+    assert cells["λ1 drop per 10% extra passes"] == "4.0 ± 0.0", cells
+    sgd_row = next(line for line in text.splitlines() if line.startswith("| SGD"))
+    assert sgd_row.rstrip(" |").endswith("— | —"), sgd_row
+    assert (tmp_path / "figure.png").stat().st_size > 0
