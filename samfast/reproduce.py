@@ -797,8 +797,10 @@ def reproduce(args, data_dir: str | None, seeds: int) -> str:
     extra = ["--device", args.device] if args.device else []
     fingerprint = _Fingerprints()
     plan, conflicts = [], []
-    for name, flags in runs.items():
-        for seed in range(seeds):
+    # Seed-major: every run of seed k before any of seed k+1, so a grid stopped part way
+    # leaves whole seeds for the paired report (runs_of lists a fork's source run first).
+    for seed in range(seeds):
+        for name, flags in runs.items():
             out = root / _slug(name) / f"seed{seed}"
             argv = (base_args(args.scale, data_dir, args.experiment) + flags
                     + ["--seed", str(seed)] + extra)

@@ -86,6 +86,11 @@ def test_smoke_generalization_forks_the_late_switches_and_reports_intervals(tmp_
     err = capsys.readouterr().err
     root = tmp_path / "smoke" / "generalization"
     (k,) = reproduce.switch_epochs("smoke")
+    # seed-major (a grid stopped part way leaves whole seeds), a fork after its source run
+    started = [line.split(" (")[0].removeprefix("run  ") for line in err.splitlines()
+               if line.startswith("run  ")]
+    assert started == [f"{name} seed {seed}" for seed in (0, 1)
+                       for name in ("SGD", "SAM", f"SGD->SAM@{k}")], started
     for seed in (0, 1):
         assert f"SGD->SAM@{k} seed {seed} (forked from" in err
         sgd = [json.loads(r) for r in
