@@ -33,8 +33,9 @@ it advances once per step, skipped steps included):
   ``LookSAM`` takes them per parameter tensor instead (the paper's layer-wise variant), so the
   two differ when a model has more than one tensor. A gradient that is None is a zero vector
   here. g_v costs one more parameter-sized buffer; the stored g_v is valid from a completed
-  full step until the next full step starts (a skipped or aborted full step drops it, and
-  the reuse steps after it are plain base steps until the next full step).
+  full step until the next full step starts (a skipped or aborted full step drops it, as
+  does ``add_param_group``; the reuse steps after that are plain base steps until the next
+  full step; steps with ``sam_enabled`` False leave it as it is). ``eps`` > 0 keeps the coefficient finite when g_v = 0.
 * :class:`RandomSwitch` ``(p, seed)`` — RST / SS-SAM, Zhao et al., "Randomized
   Sharpness-Aware Training for Boosting Computational Efficiency in Deep Learning", 2022:
   SAM with probability p(t), a base step otherwise. The draw of step t is a pure function of
@@ -51,13 +52,18 @@ it advances once per step, skipped steps included):
   non-finite gradient skips).
 
 A policy's ``state_dict()`` holds plain Python values only (it is saved inside the
-optimizer's ``state_dict()["samfast"]["policy"]`` and loads with ``weights_only=True``).
+optimizer's ``state_dict()["samfast"]["policy"]`` and loads with ``weights_only=True``): its
+step count, its state and its constructor's arguments (``hparams``), which
+``load_state_dict`` restores as ``torch.optim`` restores a checkpoint's lr, with a warning
+naming each one that differs from the policy's own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import numbers
+import warnings
 from typing import Any, Callable
 
 SAM_STEP, BASE_STEP, DECIDE = "sam", "base", "decide"
@@ -67,18 +73,22 @@ TWO_PASS_PLANS = (SAM_STEP, LOOKSAM_FULL)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    # numbers.Integral: numpy's integers too (as torch.optim accepts them)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"Invalid {name}: {value!r} (must be an int >= {minimum})")
-    return value
+    return int(value)
 
 
 def _check_real(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf,
                 open_lo: bool = False, open_hi: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)):
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite real number)")
     if value < lo or value > hi or (open_lo and value == lo) or (open_hi and value == hi):
         lo_b, hi_b = "(" if open_lo else "[", ")" if open_hi else "]"
-        raise ValueError(f"Invalid {name}: {value!r} (must be in {lo_b}{lo:g}, {hi:g}{hi_b})")
+        bound = (f"{'>' if open_lo else '>='} {lo:g}" if hi == math.inf
+                 else f"in {lo_b}{lo:g}, {hi:g}{hi_b}")
+        raise ValueError(f"Invalid {name}: {value!r} (must be {bound})")
     return float(value)
 
 
@@ -87,9 +97,15 @@ class Policy:
     (:meth:`advance`) and checkpoints its state. Subclasses set ``name``."""
 
     name = "policy"
+    # constructor arguments saved in state_dict() and restored by load_state_dict()
+    HPARAMS: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.step = 0
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments, as plain Python values (saved with the state)."""
+        return {name: getattr(self, name) for name in self.HPARAMS}
 
     def plan(self) -> str:
         """The plan of the current step (one of :data:`PLANS`); the same until
@@ -106,7 +122,7 @@ class Policy:
         self.step += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "step": self.step}
+        return {"name": self.name, "step": self.step, "hparams": self.hparams()}
 
     def _load(self, state: dict[str, Any]) -> dict[str, Any]:
         """Checks ``state`` and returns the attributes it sets (nothing is changed yet)."""
@@ -117,14 +133,47 @@ class Policy:
         step = state.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"Invalid state_dict: policy step {step!r}")
-        return {"step": step}
+        values = {"step": step}
+        saved = state.get("hparams")  # absent in checkpoints written before samfast saved it
+        if saved is not None:
+            if not isinstance(saved, dict) or set(saved) != set(self.HPARAMS):
+                raise ValueError(f"Invalid state_dict: {type(self).__name__}'s hparams "
+                                 f"{saved!r} (want the keys {', '.join(self.HPARAMS)})")
+            try:
+                checked = self._checked_hparams(saved)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"Invalid state_dict: {type(self).__name__}'s hparams: {e}") \
+                    from None
+            values.update(checked)
+        return values
+
+    def _checked_hparams(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """``saved`` checked as the constructor checks its arguments."""
+        return type(self)(**saved).hparams()
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Raises ValueError if :meth:`load_state_dict` would refuse ``state``."""
         self._load(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in self._load(state).items():
+        """Restores the step count and state, and the checkpoint's hyper-parameters (as
+        ``torch.optim``'s ``load_state_dict`` restores the checkpoint's lr): those that differ
+        from the policy's are named in a warning; set them on the policy after loading to
+        change them."""
+        values = self._load(state)
+        hparams = {k: values.pop(k) for k in self.HPARAMS if k in values}
+        own = self.hparams()
+        changed = [f"{k}={v!r} (was {own[k]!r})" for k, v in hparams.items() if v != own[k]]
+        if changed:
+            warnings.warn(f"samfast: {type(self).__name__}.load_state_dict: the checkpoint's "
+                          f"{', '.join(changed)}; the checkpoint's values are used, as "
+                          "torch.optim's load_state_dict restores its lr", stacklevel=3)
+        self._set_hparams(hparams)
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def _set_hparams(self, hparams: dict[str, Any]) -> None:
+        for key, value in hparams.items():
             setattr(self, key, value)
 
     def fraction(self) -> float | None:
@@ -140,6 +189,7 @@ class Interval(Policy):
     ``interval``)."""
 
     name = "interval"
+    HPARAMS = ("k",)
 
     def __init__(self, k: int) -> None:
         super().__init__()
@@ -161,12 +211,15 @@ class LookSAM(Policy):
     pass and the descent with g + alpha ||g|| / (||g_v|| + eps) g_v."""
 
     name = "looksam"
+    HPARAMS = ("k", "alpha", "eps")
 
     def __init__(self, k: int = 5, alpha: float = 0.7, eps: float = 1e-12) -> None:
         super().__init__()
         self.k = _check_int("k", k, 1)
         self.alpha = _check_real("alpha", alpha, 0.0)
-        self.eps = _check_real("eps", eps, 0.0)
+        # eps > 0: with ||g_v|| = 0 (rho = 0, or g_s parallel to g) the reuse coefficient
+        # alpha ||g|| / (||g_v|| + eps) must stay finite, as alpha ||g|| / eps * 0 = 0
+        self.eps = _check_real("eps", eps, 0.0, open_lo=True)
 
     def plan(self) -> str:
         return LOOKSAM_FULL if self.step % self.k == 0 else LOOKSAM_REUSE
@@ -191,16 +244,52 @@ class RandomSwitch(Policy):
     linear schedule from ``p_start`` to ``p_end`` over ``total_steps``."""
 
     name = "random"
+    # p is saved as a number, or as [p_start, p_end, total_steps] for linear(); a p given
+    # as another function of the step is not saved (the constructed policy's is used)
+    HPARAMS = ("p", "seed")
 
     def __init__(self, p: float | Callable[[int], float], seed: int = 0) -> None:
         super().__init__()
         if callable(p):
             self.p = p
+            self.probability(0)  # a function that does not give a probability fails here
         else:
             prob = _check_real("p", p, 0.0, 1.0)
             self.p = lambda step: prob
             self._constant = prob
         self.seed = _check_int("seed", seed, 0)
+
+    def hparams(self) -> dict[str, Any]:
+        if hasattr(self, "_constant"):
+            p = self._constant
+        elif hasattr(self, "_schedule"):
+            p = list(self._schedule)
+        else:
+            p = None
+        return {"p": p, "seed": self.seed}
+
+    def _checked_hparams(self, saved: dict[str, Any]) -> dict[str, Any]:
+        p = saved["p"]
+        if isinstance(p, list):
+            if len(p) != 3:
+                raise ValueError(f"p {p!r} (want [p_start, p_end, total_steps])")
+            p = list(RandomSwitch.linear(*p)._schedule)
+        elif p is not None:
+            p = _check_real("p", p, 0.0, 1.0)
+        checked = {"seed": _check_int("seed", saved["seed"], 0)}
+        return checked if p is None else {**checked, "p": p}
+
+    def _set_hparams(self, hparams: dict[str, Any]) -> None:
+        self.seed = hparams.get("seed", self.seed)
+        if "p" not in hparams:
+            return
+        fresh = (RandomSwitch.linear(*hparams["p"]) if isinstance(hparams["p"], list)
+                 else RandomSwitch(hparams["p"]))
+        self.__dict__.pop("_constant", None)
+        self.__dict__.pop("_schedule", None)
+        for key in ("p", "_constant", "_schedule"):
+            if hasattr(fresh, key):
+                setattr(self, key, getattr(fresh, key))
 
     @classmethod
     def linear(cls, p_start: float, p_end: float, total_steps: int,
@@ -216,7 +305,7 @@ class RandomSwitch(Policy):
 
     def probability(self, step: int) -> float:
         p = self.p(step)
-        if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+        if not (isinstance(p, numbers.Real) and not isinstance(p, bool) and 0.0 <= p <= 1.0):
             raise ValueError(f"Invalid p: p({step}) = {p!r} (must be a probability in [0, 1])")
         return float(p)
 
@@ -232,7 +321,7 @@ class RandomSwitch(Policy):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.seed}
+        return {**super().state_dict(), "seed": self.seed}  # "seed": as before hparams
 
     def _load(self, state: dict[str, Any]) -> dict[str, Any]:
         values = super()._load(state)
@@ -255,6 +344,7 @@ class AdaptiveSAM(Policy):
     normally distributed ||g||^2 a fraction 1 - Phi(c) of the steps runs SAM)."""
 
     name = "adaptive"
+    HPARAMS = ("total_steps", "delta", "lambda1", "lambda2")
 
     def __init__(self, total_steps: int, delta: float = 0.9, lambda1: float = -1.0,
                  lambda2: float = 1.0) -> None:

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -309,8 +310,16 @@ def test_resume_mid_run_is_bit_identical(backend, policy):
     assert saved["opt"]["samfast"]["policy"]["name"] == kind
     assert saved["opt"]["samfast"]["policy"]["step"] == cut
     fresh_opts = {**opts, "seed": 99} if kind == "random" else opts
-    resumed, opt_b, _ = run(problem, torch.float32, backend, kind, fresh_opts, start=cut,
-                            resume_from=(saved["w"], saved["opt"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, opt_b, _ = run(problem, torch.float32, backend, kind, fresh_opts, start=cut,
+                                resume_from=(saved["w"], saved["opt"]))
+    # the checkpoint's seed is used, and said so
+    said = [str(w.message) for w in caught if "load_state_dict" in str(w.message)]
+    assert said == ([f"samfast: RandomSwitch.load_state_dict: the checkpoint's seed="
+                     f"{opts.get('seed', 0)} (was 99); the checkpoint's values are used, as "
+                     "torch.optim's load_state_dict restores its lr"] if kind == "random"
+                    else []), said
     assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
     sa, sb = opt_a.state_dict(), opt_b.state_dict()
     for i in sa["state"]:
@@ -360,7 +369,8 @@ def test_an_aborted_adaptive_step_decides_again_from_the_same_statistics(backend
     assert opt.perturbed
     state = opt.policy.state_dict()
     opt.abort_step()
-    assert opt.policy.state_dict() == {"name": "adaptive", "step": 0, "mean": 0.0, "var": 0.0}
+    assert {k: v for k, v in opt.policy.state_dict().items() if k != "hparams"} == \
+        {"name": "adaptive", "step": 0, "mean": 0.0, "var": 0.0}
     _backward(params, problem.coeffs[0], problem.masks[0][0])
     opt.first_step(zero_grad=True)
     assert opt.policy.state_dict() == state
@@ -666,7 +676,8 @@ def test_looksam_through_sam_step_on_a_batchnorm_cnn_equals_algorithm_1_by_hand(
     model = copy.deepcopy(init).train()
     opt = samfast.SAM(model.parameters(), backend=backend, lr=hp["lr"], rho=hp["rho"],
                       momentum=hp["momentum"], weight_decay=hp["weight_decay"],
-                      policy=samfast.LookSAM(hp["k"], hp["alpha"], eps=0.0))
+                      # eps 1e-300: ||g_v|| + eps == ||g_v|| in float64, as the paper's division
+                      policy=samfast.LookSAM(hp["k"], hp["alpha"], eps=1e-300))
     for x, y in batches:
         sam_step(model, opt, lambda: F.cross_entropy(model(x), y))
     assert opt.backend == backend
@@ -790,3 +801,136 @@ def test_efficient_report_pairs_sharpness_by_seed_and_per_extra_pass(tmp_path):
     sgd_row = next(line for line in text.splitlines() if line.startswith("| SGD"))
     assert sgd_row.rstrip(" |").endswith("— | —"), sgd_row
     assert (tmp_path / "figure.png").stat().st_size > 0
+
+
+def _looksam_twins(backend, alpha_b=0.0):
+    """Two optimizers on copies of one problem, LookSAM(k=3) at alpha 0.5 and alpha_b: where
+    the first one's g_v is not valid its reuse steps are base steps, as alpha 0's always are."""
+    torch.manual_seed(seed_for("twins" + backend))
+    a0, b0 = torch.randn(7, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    twins = []
+    for alpha in (0.5, alpha_b):
+        a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+        opt = samfast.SAM([a], lr=0.1, momentum=0.9, rho=0.1, backend=backend,
+                          policy=samfast.LookSAM(k=3, alpha=alpha))
+        twins.append((a, b, opt))
+    return twins
+
+
+def _looksam_step(a, b, opt):
+    def closure():
+        opt.zero_grad()
+        loss = (a.sin() * a).sum() + (b.cos() * b ** 2).sum() + (a[:3] * b).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in SLOW])
+def test_looksam_g_v_is_dropped_by_add_param_group(backend):
+    """g_v has no part for params added after the full step that stored it: add_param_group
+    drops it, so the reuse steps until the next full step are base steps (bitwise the alpha-0
+    twin's), and the
+    full step after them stores a g_v over every param (the twins part from the next reuse
+    step on). Without the drop the reference raised KeyError and native a TypeError."""
+    (a, b, opt), (a2, b2, opt2) = _looksam_twins(backend)
+    for x, y, o in ((a, b, opt), (a2, b2, opt2)):
+        _looksam_step(x, y, o)  # t=0, full
+        o.add_param_group({"params": [y]})
+        _looksam_step(x, y, o)  # t=1, reuse: g_v not valid -> base
+        _looksam_step(x, y, o)  # t=2, same
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    for x, y, o in ((a, b, opt), (a2, b2, opt2)):
+        _looksam_step(x, y, o)  # t=3, full: g_v over a and b
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    for x, y, o in ((a, b, opt), (a2, b2, opt2)):
+        _looksam_step(x, y, o)  # t=4, reuse with g_v
+    assert not torch.equal(a, a2) and not torch.equal(b, b2)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_policy_hyper_parameters_travel_with_the_checkpoint(policy):
+    """state_dict() holds the constructor's arguments; load_state_dict into a policy built
+    with other ones uses the checkpoint's and names each change in a warning (as torch.optim
+    restores the checkpoint's lr); bad ones are refused naming the argument; a checkpoint
+    without them (written before samfast saved them) loads silently."""
+    kind, opts = POLICIES[policy]
+    other = {"interval": dict(k=7), "looksam": dict(k=2, alpha=0.2),
+             "random": dict(p=0.9, seed=3),
+             "adaptive": dict(total_steps=5, delta=0.8, lambda1=1.0, lambda2=2.0)}[policy]
+    params = [torch.nn.Parameter(torch.randn(4))]
+    saved = samfast.SAM(params, lr=0.1, policy=make_policy(kind, **opts)).state_dict()
+    state = saved["samfast"]["policy"]
+    assert state["hparams"] == {k: v for k, v in opts.items()} | (
+        {"eps": 1e-12} if kind == "looksam" else {})
+    opt = samfast.SAM(params, lr=0.1, policy=make_policy(kind, **{**opts, **other}))
+    with pytest.warns(UserWarning, match="the checkpoint's values are used") as caught:
+        opt.load_state_dict(copy.deepcopy(saved))
+    for key in other:
+        assert f"{key}={opts[key]!r} (was {other[key]!r})" in str(caught[0].message)
+    assert opt.policy.hparams() == state["hparams"]
+    fresh = make_policy(kind, **opts)
+    for t in range(40):  # the loaded policy plans what the checkpoint's policy would
+        opt.policy.step = fresh.step = t
+        assert opt.policy.plan() == fresh.plan()
+    bad_key = next(iter(other))
+    broken = copy.deepcopy(saved)
+    broken["samfast"]["policy"]["hparams"][bad_key] = -5
+    with pytest.raises(ValueError, match=f"Invalid state_dict: .*Invalid {bad_key}"):
+        opt.load_state_dict(broken)
+    old = copy.deepcopy(saved)
+    del old["samfast"]["policy"]["hparams"]
+    mine = make_policy(kind, **{**opts, **other})
+    if kind == "random":
+        old["samfast"]["policy"]["seed"] = other["seed"]
+    opt = samfast.SAM(params, lr=0.1, policy=mine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(old)
+    assert opt.policy.hparams() == mine.hparams()
+
+
+def test_random_switch_saves_its_linear_schedule_but_not_a_function():
+    params = [torch.nn.Parameter(torch.randn(4))]
+    saved = samfast.SAM(params, lr=0.1, policy=samfast.RandomSwitch.linear(
+        0.1, 0.5, 100, seed=1)).state_dict()
+    assert saved["samfast"]["policy"]["hparams"] == {"p": [0.1, 0.5, 100], "seed": 1}
+    opt = samfast.SAM(params, lr=0.1, policy=samfast.RandomSwitch(0.3, seed=1))
+    with pytest.warns(UserWarning, match=r"p=\[0.1, 0.5, 100\] \(was 0.3\)"):
+        opt.load_state_dict(saved)
+    assert [opt.policy.probability(t) for t in (0, 50, 100, 200)] == \
+        [0.1, 0.1 + 0.4 * 0.5, 0.5, 0.5]
+    func = samfast.SAM(params, lr=0.1, policy=samfast.RandomSwitch(lambda t: 0.2))
+    assert func.state_dict()["samfast"]["policy"]["hparams"]["p"] is None
+    opt = samfast.SAM(params, lr=0.1, policy=samfast.RandomSwitch(0.3))
+    opt.load_state_dict(func.state_dict())  # a function is not saved: this policy's p stays
+    assert opt.policy.probability(5) == 0.3
+
+
+def test_policy_arguments_fail_at_construction_and_numpy_numbers_are_numbers():
+    import numpy as np
+    with pytest.raises(ValueError, match=r"Invalid eps: 0.0 \(must be > 0\)"):
+        samfast.LookSAM(eps=0.0)  # ||g_v|| = 0 would make the reuse coefficient infinite
+    with pytest.raises(ValueError, match=r"Invalid p: p\(0\) = 2.0"):
+        samfast.RandomSwitch(lambda t: 2.0)  # a function is checked at t = 0, not mid-run
+    assert samfast.Interval(np.int64(4)).k == 4 and type(samfast.Interval(np.int64(4)).k) is int
+    assert samfast.RandomSwitch(np.float32(0.5)).probability(3) == 0.5
+    assert samfast.AdaptiveSAM(np.int32(10), delta=np.float64(0.5)).total_steps == 10
+    assert samfast.RandomSwitch(lambda t: np.float32(0.25)).probability(1) == 0.25
+    with pytest.raises(ValueError, match="Invalid k"):
+        samfast.Interval(np.float64(4.0))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in SLOW])
+def test_looksam_with_a_zero_g_v_leaves_the_gradient_as_it_is(backend):
+    """rho = 0: the SAM gradient is g itself, so g_v = 0 and a reuse step is exactly a base
+    step (alpha ||g|| / (0 + eps) * 0 = 0; eps = 0 gave inf * 0 = NaN, and native stepped on
+    it)."""
+    (a, b, opt), (a2, b2, opt2) = _looksam_twins(backend)
+    for group in opt.param_groups + opt2.param_groups:
+        group["rho"] = 0.0
+    for _ in range(3):
+        _looksam_step(a, b, opt)
+        _looksam_step(a2, b2, opt2)
+    assert float(opt.state_dict()["samfast"]["policy"]["looksam"]["gv_sq_norm"]) == 0.0
+    assert torch.isfinite(a).all() and torch.equal(a, a2) and opt.skipped_steps == 0

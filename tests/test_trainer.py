@@ -305,6 +305,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert [json.loads(r)["epoch"] for r in rows] == list(range(6))
 
 
+def test_every_policy_option_belongs_to_one_policy():
+    from samfast.cifar import config
+    assert set(config.POLICY_OPTIONS) == set(config.SAM_POLICIES) - {"switch"}
+    options = [n for names in config.POLICY_OPTIONS.values() for n in names]
+    fields = [f.name for f in dataclasses.fields(config.RunConfig)]
+    assert sorted(options) == sorted(n for n in fields if n.split("_")[0] in
+                                     ("interval", "looksam", "random", "adaptive"))
+
+
 def test_resume_with_other_settings_refuses(tmp_path):
     trainer.run(trainer.parse_config(tiny_args(tmp_path, "--epochs", "1")))
     with pytest.raises(trainer.RunError, match="--lr 0.1 -> 0.3"):
@@ -321,6 +330,15 @@ def test_resume_with_other_settings_refuses(tmp_path):
     (["--amp", "fp32"], "--amp"), (["--backend", "magic"], "--backend"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--train-subset", "3"], "--train-subset"), (["--cutout", "40"], "--cutout"),
+    # a policy's option without that policy would be ignored; a policy without SAM epochs too
+    (["--optimizer", "sam", "--interval-k", "4"], "--interval-k: is an option of --sam-policy "
+                                                   "interval; this run's policy is switch"),
+    (["--optimizer", "sam", "--sam-policy", "looksam", "--random-p", "0.1"], "--random-p"),
+    (["--optimizer", "sam", "--sam-policy", "random", "--adaptive-delta", "0.5"],
+     "--adaptive-delta"),
+    (["--optimizer", "sam", "--sam-policy", "adaptive", "--looksam-alpha", "0.2"],
+     "--looksam-alpha"),
+    (["--optimizer", "sgd", "--sam-policy", "interval"], "--sam-policy: interval decides"),
 ])
 def test_bad_flags_fail_before_any_work_naming_the_flag(flags, name, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -380,6 +380,8 @@ class FusedBackend:
         coef = alpha * gnorm / (sq.sqrt() + eps)
         reuse_skip = norm_skip | ~self._gv_valid
         for bucket, mask in zip(self.buckets, masks):
+            if bucket.gv is None:  # a group added since the last full step: g_v is not valid
+                continue
             c = coef.to(bucket.device, compute_dtype(bucket.dtype))
             bskip = reuse_skip.to(bucket.device)
             for s, e in bucket.runs(mask):
@@ -404,8 +406,9 @@ class FusedBackend:
         for bucket in self.buckets:
             if bucket.gv is not None:
                 views.update(zip(map(id, bucket.params), bucket.gv_views))
+        valid = self._gv_valid if self._gv_valid is not None else torch.tensor(False)
         return {"gv": [views.get(id(p)) for p in params], "gv_sq_norm": self._gv_sq,
-                "gv_valid": self._gv_valid}
+                "gv_valid": valid}  # before the first full step: no g_v, not valid
 
     @torch.no_grad()
     def load_looksam_state(self, params: list[Tensor], state: dict) -> None:
@@ -423,6 +426,10 @@ class FusedBackend:
         if state["gv_sq_norm"] is not None:
             self._gv_sq.copy_(state["gv_sq_norm"])
         self._gv_valid.copy_(torch.as_tensor(state["gv_valid"]) & complete)
+
+    def invalidate_gv(self) -> None:
+        if self._gv_valid is not None:
+            self._gv_valid.fill_(False)
 
     def release_gv(self) -> None:
         for bucket in self.buckets:

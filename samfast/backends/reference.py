@@ -326,3 +326,6 @@ class ReferenceBackend:
 
     def release_gv(self) -> None:
         self._gv, self._gv_sq, self._gv_valid = {}, None, False
+
+    def invalidate_gv(self) -> None:
+        self._gv_valid = False

@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the options of each --sam-policy (validate refuses them with another policy)
+POLICY_OPTIONS = {"interval": ("interval_k",), "looksam": ("looksam_k", "looksam_alpha"),
+                  "random": ("random_p", "random_p_end", "random_seed"),
+                  "adaptive": ("adaptive_delta", "adaptive_lambda1", "adaptive_lambda2")}
+
+
 def validate(cfg: RunConfig) -> None:
     """Every setting checked before any work; raises ConfigError naming the flag."""
     def bad(name: str, why: str):
@@ -394,6 +400,17 @@ def validate(cfg: RunConfig) -> None:
     for name in ("adaptive_lambda1", "adaptive_lambda2"):
         if not math.isfinite(getattr(cfg, name)):
             bad(name, f"must be a finite number, got {getattr(cfg, name)}")
+    # a policy's options without that policy would be ignored (while still changing the
+    # run's identity): refused, as is a policy in a run without SAM epochs
+    defaults = {f.name: f.default for f in fields(RunConfig)}
+    for policy, names in POLICY_OPTIONS.items():
+        for name in names:
+            if cfg.sam_policy != policy and getattr(cfg, name) != defaults[name]:
+                bad(name, f"is an option of --sam-policy {policy}; this run's policy is "
+                          f"{cfg.sam_policy}, so it would be ignored")
+    if cfg.sam_policy != "switch" and cfg.optimizer == "sgd":
+        bad("sam_policy", f"{cfg.sam_policy} decides which steps of the SAM epochs run SAM; "
+                          "--optimizer sgd has no SAM epoch, so it would never be consulted")
     if (cfg.sam_policy in ("looksam", "adaptive") and cfg.ddp_ascent == "local"
             and int(os.environ.get("WORLD_SIZE", "1")) > 1):
         bad("sam_policy", f"{cfg.sam_policy} needs --ddp-ascent global under torchrun (AE-SAM "
