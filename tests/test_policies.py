@@ -771,10 +771,11 @@ def test_efficient_report_gives_no_cost_ratio_against_a_passes_only_sgd_run(tmp_
 
 
 def test_efficient_report_pairs_sharpness_by_seed_and_per_extra_pass(tmp_path):
-    """λ1 vs SGD and the λ1 drop per 10% extra passes are paired by seed: with SGD's λ1 at
-    100 / 140 and the policy's at 90 / 120 on 25% / 50% extra passes, the paired differences
-    are -10 / -20 (mean -15) and the drops per 10% are 4 / 4 (mean 4, zero spread); an
-    unpaired reading (mean λ1 105 vs 120) would give neither."""
+    """λ1 vs SGD, the λ1 drop per 10% extra passes and λ1 vs the late switch of the same
+    budget are paired by seed: with SGD's λ1 at 100 / 140 and the policy's at 90 / 120 on 25%
+    / 50% extra passes, the paired differences are -10 / -20 (mean -15), the drops per 10% are
+    4 / 4 (mean 4, zero spread), and against the switch's 93 / 124 -3 / -4; an unpaired
+    reading (mean λ1 105 vs 120) would give none of them."""
     from samfast import reproduce
 
     def write(name, seed, passes, top1):
@@ -788,18 +789,25 @@ def test_efficient_report_pairs_sharpness_by_seed_and_per_extra_pass(tmp_path):
             {"epoch": 0, "phase": "sam", "steps": 4, "sam_steps": passes - 4,
              "passes": passes, "cost_sgd_steps": float(passes)}) + "\n")
 
+    runs = reproduce.runs_of("efficient", "smoke")
+    (switch,) = [n for n in runs if n.startswith("SGD->SAM")]
+    (policy,) = [n for n in runs if n.startswith("interval")]
     for seed, (sgd_top, run_top, run_passes) in enumerate(((100.0, 90.0, 5), (140.0, 120.0, 6))):
         write("SGD", seed, 4, sgd_top)
-        write("interval k=2", seed, run_passes, run_top)
-    text = reproduce.report_efficient(tmp_path, {"SGD": [], "interval k=2": []}, 2, "smoke")
+        write(policy, seed, run_passes, run_top)
+        write(switch, seed, 5, run_top + 3 + seed)  # the policy is 3 / 4 below the switch
+    text = reproduce.report_efficient(tmp_path, {"SGD": [], switch: [], policy: []}, 2, "smoke")
     header = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
-    row = next(line for line in text.splitlines() if line.startswith("| interval k=2"))
-    cells = dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
-    assert cells["extra passes %"].startswith("37.5 ±"), cells
-    assert cells["λ1 vs SGD (paired)"].startswith("-15.0 ±"), cells
-    assert cells["λ1 drop per 10% extra passes"] == "4.0 ± 0.0", cells
-    sgd_row = next(line for line in text.splitlines() if line.startswith("| SGD"))
-    assert sgd_row.rstrip(" |").endswith("— | —"), sgd_row
+    def cells(name):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        return dict(zip(header, (c.strip() for c in row.strip("|").split("|"))))
+    mine = cells(policy)
+    assert mine["extra passes %"].startswith("37.5 ±"), mine
+    assert mine["λ1 vs SGD (paired)"].startswith("-15.0 ±"), mine
+    assert mine["λ1 drop per 10% extra passes"] == "4.0 ± 0.0", mine
+    assert mine["λ1 vs late switch (paired)"].startswith("-3.5 ±"), mine
+    assert cells(switch)["λ1 vs late switch (paired)"] == "—"
+    assert list(cells("SGD").values())[-3:] == ["—", "—", "—"]
     assert (tmp_path / "figure.png").stat().st_size > 0
 
 
