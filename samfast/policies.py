@@ -320,12 +320,11 @@ class RandomSwitch(Policy):
             return (self._schedule[0] + self._schedule[1]) / 2
         return None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "seed": self.seed}  # "seed": as before hparams
-
     def _load(self, state: dict[str, Any]) -> dict[str, Any]:
         values = super()._load(state)
-        seed = state.get("seed")
+        if "hparams" in state:  # the seed is one of them
+            return values
+        seed = state.get("seed")  # a checkpoint written before hparams saved the seed alone
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"Invalid state_dict: RandomSwitch seed {seed!r}")
         return {**values, "seed": seed}

@@ -606,6 +606,9 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
 
     def cell(values, digits=2):
         return _mean_ci(values, digits).replace(f" (n={seeds})", "")
+
+    def paired(rs, base, key):  # per seed: the run's value minus the base run's
+        return [r[key] - b[key] for r, b in zip(rs, base)]
     rows = ["| run | budget | SAM steps % | extra passes % | cost x SGD | train acc % | "
             "test error % | vs SGD (paired) | λ1 (sharpness) | λ1 vs SGD (paired) | "
             "λ1 drop per 10% extra passes | λ1 vs late switch (paired) |", "|---" * 12 + "|"]
@@ -621,17 +624,17 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
         measured = all(not r["estimated"] and not s["estimated"] for r, s in zip(rs, sgd))
         ratio = (cell([r["cost"] / s["cost"] for r, s in zip(rs, sgd)], 3) if measured
                  else "—")
-        diff = "—" if name == "SGD" else cell([r["error"] - s["error"] for r, s in zip(rs, sgd)])
+        diff = "—" if name == "SGD" else cell(paired(rs, sgd, "error"))
         # flatness bought per extra pass, paired by seed: (SGD's λ1 - the run's) for each
         # 10% of passes the run spent over its seed's SGD run
         flat = flat_per = "—"
         if name != "SGD":
-            flat = cell([r["top1"] - s["top1"] for r, s in zip(rs, sgd)], 1)
-            flat_per = cell([(s["top1"] - r["top1"]) / (e / 10) if e > 0 else math.nan
-                             for r, s, e in zip(rs, sgd, extra)], 1)
+            flat = cell(paired(rs, sgd, "top1"), 1)
+            flat_per = cell([-d / (e / 10) if e > 0 else math.nan
+                             for d, e in zip(paired(rs, sgd, "top1"), extra)], 1)
         switch = late.get(budgets.get(name))
         vs_late = ("—" if switch is None or efficient_family(name) == "SGD->SAM"
-                   else cell([r["top1"] - s["top1"] for r, s in zip(rs, switch)], 1))
+                   else cell(paired(rs, switch, "top1"), 1))
         sharp = [cell([r["top1"] for r in rs], 1), flat, flat_per, vs_late]
         if statistics.mean(r["train_acc"] for r in rs) < FITTED:  # λ1 at another loss
             sharp = [c if c == "—" else f"({c})" for c in sharp]

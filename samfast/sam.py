@@ -179,7 +179,7 @@ class SAM(torch.optim.Optimizer):
         self._backend = resolve_backend(backend, devices, {p.dtype for p in params} or
                                         {torch.float32}, sharded=self._sharding is not None)
         self._backend.bind(self)
-        self._sam_enabled = True
+        self.sam_enabled = True
         self.skipped_steps = 0
         self._phase = _IDLE
         self._policy: _policies.Policy | None = None
@@ -262,7 +262,7 @@ class SAM(torch.optim.Optimizer):
             self.base_optimizer.add_param_group(param_group)  # appends to our shared list
             self._backend.add_group(len(self.param_groups) - 1)
             self._hook_params(self.param_groups[-1]["params"])
-            self._invalidate_gv()  # LookSAM's g_v has no part for the new params
+            self._backend.invalidate_gv()  # LookSAM's g_v has no part for the new params
 
     @property
     def backend(self) -> str:
@@ -279,12 +279,6 @@ class SAM(torch.optim.Optimizer):
         if not isinstance(value, bool):
             raise TypeError(f"sam_enabled must be a bool, got {value!r}")
         self._sam_enabled = value
-
-    def _invalidate_gv(self) -> None:
-        """LookSAM: the stored g_v is not reused; reuse steps are base steps until the next
-        full step (which its k-step cycle reaches within k - 1 steps)."""
-        if isinstance(self._policy, _policies.LookSAM) and hasattr(self._backend, "invalidate_gv"):
-            self._backend.invalidate_gv()
 
     @property
     def skipped_steps(self) -> int:

@@ -738,6 +738,19 @@ def test_efficient_families_put_each_run_where_it_belongs():
     assert {reproduce.efficient_family(n) for n in names} == set(reproduce.EFFICIENT_FAMILIES)
 
 
+def _write_run(root, name, seed, rows, **summary):
+    """A finished run of the efficient experiment as the report reads it: summary.json
+    (``summary`` over a few defaults) and the metrics rows."""
+    from samfast import reproduce
+    run = root / reproduce._slug(name) / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({
+        "test_acc": 60.0, "train_acc": 100.0, "hessian_top": [5.0, 4.0], "sam_epochs": 1,
+        "epochs": 1, "config": {"train_subset": 200, "batch_size": 100, "test_subset": None},
+        **summary}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_efficient_report_gives_no_cost_ratio_against_a_passes_only_sgd_run(tmp_path):
     """SGD trained before cost accounting (passes only), a policy run measured: the passes
     are compared, the mixed cost ratio is not given (it would charge optimizer time to one
@@ -745,13 +758,7 @@ def test_efficient_report_gives_no_cost_ratio_against_a_passes_only_sgd_run(tmp_
     from samfast import reproduce
 
     def write(name, rows, sam_epochs):
-        run = tmp_path / reproduce._slug(name) / "seed0"
-        run.mkdir(parents=True)
-        (run / "summary.json").write_text(json.dumps({
-            "test_acc": 60.0, "train_acc": 100.0, "hessian_top": [5.0, 4.0],
-            "sam_epochs": sam_epochs, "epochs": 2,
-            "config": {"train_subset": 200, "batch_size": 100, "test_subset": None}}))
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write_run(tmp_path, name, 0, rows, sam_epochs=sam_epochs, epochs=2)
 
     measured = [{"epoch": e, "phase": "sam", "steps": 2, "sam_steps": 1, "passes": 3,
                  "cost_sgd_steps": 3.5} for e in range(2)]
@@ -779,15 +786,10 @@ def test_efficient_report_pairs_sharpness_by_seed_and_per_extra_pass(tmp_path):
     from samfast import reproduce
 
     def write(name, seed, passes, top1):
-        run = tmp_path / reproduce._slug(name) / f"seed{seed}"
-        run.mkdir(parents=True)
-        (run / "summary.json").write_text(json.dumps({
-            "test_acc": 60.0 + seed, "train_acc": 100.0, "hessian_top": [top1, 1.0],
-            "sam_epochs": 1, "epochs": 1,
-            "config": {"train_subset": 400, "batch_size": 100, "test_subset": None}}))
-        (run / "metrics.jsonl").write_text(json.dumps(
-            {"epoch": 0, "phase": "sam", "steps": 4, "sam_steps": passes - 4,
-             "passes": passes, "cost_sgd_steps": float(passes)}) + "\n")
+        _write_run(tmp_path, name, seed, [
+            {"epoch": 0, "phase": "sam", "steps": 4, "sam_steps": passes - 4, "passes": passes,
+             "cost_sgd_steps": float(passes)}], test_acc=60.0 + seed, hessian_top=[top1, 1.0],
+            config={"train_subset": 400, "batch_size": 100, "test_subset": None})
 
     runs = reproduce.runs_of("efficient", "smoke")
     (switch,) = [n for n in runs if n.startswith("SGD->SAM")]

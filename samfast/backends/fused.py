@@ -428,6 +428,8 @@ class FusedBackend:
         self._gv_valid.copy_(torch.as_tensor(state["gv_valid"]) & complete)
 
     def invalidate_gv(self) -> None:
+        """LookSAM's g_v is not reused: reuse steps are base steps until the next full step
+        (a no-op without LookSAM)."""
         if self._gv_valid is not None:
             self._gv_valid.fill_(False)
 

@@ -328,4 +328,6 @@ class ReferenceBackend:
         self._gv, self._gv_sq, self._gv_valid = {}, None, False
 
     def invalidate_gv(self) -> None:
+        """LookSAM's g_v is not reused: reuse steps are base steps until the next full step
+        (a no-op without LookSAM)."""
         self._gv_valid = False
