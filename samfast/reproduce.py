@@ -629,9 +629,10 @@ def report_efficient(root: Path, runs: dict, seeds: int, scale: str) -> str:
         # 10% of passes the run spent over its seed's SGD run
         flat = flat_per = "—"
         if name != "SGD":
-            flat = cell(paired(rs, sgd, "top1"), 1)
+            vs_sgd = paired(rs, sgd, "top1")
+            flat = cell(vs_sgd, 1)
             flat_per = cell([-d / (e / 10) if e > 0 else math.nan
-                             for d, e in zip(paired(rs, sgd, "top1"), extra)], 1)
+                             for d, e in zip(vs_sgd, extra)], 1)
         switch = late.get(budgets.get(name))
         vs_late = ("—" if switch is None or efficient_family(name) == "SGD->SAM"
                    else cell(paired(rs, switch, "top1"), 1))
