@@ -848,7 +848,9 @@ def reproduce(args, data_dir: str | None, seeds: int) -> str:
                 from_name, epoch = forks[name]
                 snap = root / _slug(from_name) / f"seed{seed}" / f"epoch_{epoch}.pt"
                 source = snap if snap.exists() else None
-            how = f"forked from {source}" if source else "from scratch"
+            # --resume below continues an interrupted run from its last.pt, whatever it forked from
+            how = ("resuming its interrupted run" if status == "interrupted"
+                   else f"forked from {source}" if source else "from scratch")
             print(f"run  {name} seed {seed} ({how})", file=sys.stderr, flush=True)
             _run_one(argv + ["--out", str(out), "--resume"]
                      + (["--fork-from", str(source)] if source else []), args.torchrun)

@@ -436,6 +436,16 @@ def test_reproduce_refuses_an_interrupted_run_of_other_settings(grid_copy, capsy
                  prog="samfast-reproduce")
 
 
+def test_reproduce_says_it_resumes_an_interrupted_run(grid_copy, capsys):
+    seed0 = grid_copy / "smoke" / "late_switch" / "SGD" / "seed0"
+    summary = json.loads((seed0 / "summary.json").read_text())
+    (seed0 / "summary.json").unlink()
+    code, err = call(reproduce.main, smoke(grid_copy), capsys)
+    assert code == 0 and "run  SGD seed 0 (resuming its interrupted run)" in err, err
+    assert "from scratch" not in err and err.count("skip") == 2
+    assert json.loads((seed0 / "summary.json").read_text())["test_acc"] == summary["test_acc"]
+
+
 def test_reproduce_on_a_damaged_summary(grid_copy, capsys):
     summary = grid_copy / "smoke" / "late_switch" / "SAM" / "seed0" / "summary.json"
     summary.write_text('{"test_acc": ')
