@@ -333,3 +333,33 @@ def test_param_moved_after_construction_raises():
     F.cross_entropy(model[1:](model[0](batch(0)[0].double()).float()), batch(0)[1]).backward()
     with pytest.raises(RuntimeError, match="build the optimizer after model.to"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("policy, extra", [
+    (lambda: samfast.Interval(2), 0),
+    (lambda: samfast.RandomSwitch(0.5, seed=3), 0),
+    (lambda: samfast.AdaptiveSAM(total_steps=8, lambda1=3.0, lambda2=3.0), 0),
+    (lambda: samfast.LookSAM(k=2, alpha=0.2), 1),
+])
+def test_memory_of_each_policy(backend, policy, extra):
+    """The README's memory table: over SAM's four flat buffers (param, grad, momentum, backup)
+    LookSAM adds exactly one more parameter-sized buffer (g_v), the other policies none."""
+    model = make_model()
+    opt = samfast.SAM(model.parameters(), backend=backend, lr=0.1, momentum=0.9,
+                      policy=policy())
+
+    def closure():
+        F.cross_entropy(model(x), y).backward()
+        return torch.zeros(())
+    for step in range(4):  # full and one-pass steps both
+        x, y = batch(step)
+        opt.zero_grad()
+        opt.step(closure)
+    n = padded_numel(model)
+    (bucket,) = opt._backend.buckets
+    buffers = [bucket.param, bucket.grad, bucket.momentum, bucket.backup]
+    buffers += [bucket.gv] if bucket.gv is not None else []
+    assert [b.numel() for b in buffers] == [n] * (4 + extra)
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) == 4 + extra
+    assert opt.counters["sam_steps"] not in (0, 4)  # the policy took both kinds of step
