@@ -443,6 +443,7 @@ def test_reproduce_says_it_resumes_an_interrupted_run(grid_copy, capsys):
     code, err = call(reproduce.main, smoke(grid_copy), capsys)
     assert code == 0 and "run  SGD seed 0 (resuming its interrupted run)" in err, err
     assert "from scratch" not in err and err.count("skip") == 2
+    assert f"resuming {seed0 / 'last.pt'} at epoch" in err, err  # the trainer did resume
     assert json.loads((seed0 / "summary.json").read_text())["test_acc"] == summary["test_acc"]
 
 

@@ -337,6 +337,7 @@ def test_param_moved_after_construction_raises():
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("policy, extra", [
+    (lambda: None, 0),
     (lambda: samfast.Interval(2), 0),
     (lambda: samfast.RandomSwitch(0.5, seed=3), 0),
     (lambda: samfast.AdaptiveSAM(total_steps=8, lambda1=3.0, lambda2=3.0), 0),
@@ -344,7 +345,8 @@ def test_param_moved_after_construction_raises():
 ])
 def test_memory_of_each_policy(backend, policy, extra):
     """The README's memory table: over SAM's four flat buffers (param, grad, momentum, backup)
-    LookSAM adds exactly one more parameter-sized buffer (g_v), the other policies none."""
+    LookSAM adds exactly one more parameter-sized buffer (g_v), the other policies none; each
+    buffer's storage is exactly the padded size (what the table multiplies by 4 bytes)."""
     model = make_model()
     opt = samfast.SAM(model.parameters(), backend=backend, lr=0.1, momentum=0.9,
                       policy=policy())
@@ -361,5 +363,9 @@ def test_memory_of_each_policy(backend, policy, extra):
     buffers = [bucket.param, bucket.grad, bucket.momentum, bucket.backup]
     buffers += [bucket.gv] if bucket.gv is not None else []
     assert [b.numel() for b in buffers] == [n] * (4 + extra)
+    assert [b.untyped_storage().nbytes() for b in buffers] == [4 * n] * (4 + extra)
     assert len({b.untyped_storage().data_ptr() for b in buffers}) == 4 + extra
-    assert opt.counters["sam_steps"] not in (0, 4)  # the policy took both kinds of step
+    if opt.policy is None:
+        assert opt.counters["sam_steps"] == 4
+    else:
+        assert opt.counters["sam_steps"] not in (0, 4)  # the policy took both kinds of step
